@@ -1,0 +1,5 @@
+import sys
+
+from inbrainsyn.cli import main
+
+sys.exit(main())
