@@ -1,0 +1,359 @@
+"""Dense 3D transforms on a grid: THE warp convention of InBrainSyn.
+
+Every other module calls this one to warp, compose, exponentiate or read/write fields.
+
+Convention
+----------
+* **Pull-back warps**: ``warped(x) = moving(phi(x))`` with ``phi(x) = x + d(x)``.
+* **In memory** an image is a tensor ``(Z, Y, X)`` (SimpleITK's array order) and a displacement or
+  stationary velocity field (SVF) is a tensor ``(3, Z, Y, X)`` whose components are
+  ``(x, y, z)`` = voxel index axes ``(i, j, k)``, **in voxel units** of its grid.
+  Exponential, composition, Lie bracket and Jacobian determinant are invariant under the affine
+  voxel-to-physical chart (``p = origin + D diag(s) idx``), so they are computed in voxel
+  coordinates; physical units (mm) enter only at I/O (:func:`field_to_sitk`) and in regularisers.
+* **On disk** a field is an ITK displacement-field image (3-component float vectors in physical
+  mm, LPS).  With ``tf = sitk.DisplacementFieldTransform(field_image)``,
+  ``sitk.Resample(moving, reference, tf)`` gives ``moving(p + d_mm(p))`` -- the same pull-back;
+  ``d_mm = D diag(spacing) d_vox``.
+* **Composition**: ``compose(a, b) = phi_a o phi_b``, i.e. ``x -> x + b(x) + a(x + b(x))``.
+  Warping by ``a`` then by ``b`` equals warping once by ``compose(a, b)``.
+* **Lie bracket** (group / composition bracket, Bossa 2007, ITK): ``[a, b] = (Da) b - (Db) a``
+  with ``(Da)_ij = da_i/dx_j``.  With it ``log(exp(a) o exp(b)) = a + b + 1/2 [a, b] + ...``
+  The vector-field (Jacobi-Lie) bracket used by some authors is ``-[a, b]``.
+* **Registration direction**: ``register(fixed, moving)`` returns v with ``moving o exp(v) ~ fixed``.
+
+Boundary handling: fields and images are sampled with border replication outside the grid
+(a displacement near the edge continues as it was), the usual choice for registration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from inbrainsyn.errors import InputError
+
+# --------------------------------------------------------------------------------------------
+# Grid geometry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Geometry of a 3D image grid in ITK physical space (LPS, mm).
+
+    ``size`` is ``(nx, ny, nz)`` (ITK order); the tensor shape is ``(nz, ny, nx)``.
+    ``direction`` is the 3x3 matrix whose columns are the index axes' unit vectors.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 numbers, row-major, as SimpleITK gives them
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Grid":
+        if image.GetDimension() != 3:
+            raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
+        return cls(
+            size=tuple(int(n) for n in image.GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(o) for o in image.GetOrigin()),
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Tensor shape ``(Z, Y, X)``."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    @property
+    def index_to_physical(self) -> np.ndarray:
+        """3x3 matrix ``D diag(spacing)`` mapping a voxel-unit vector to mm (LPS)."""
+        return self.direction_matrix @ np.diag(self.spacing)
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Stamp this geometry on ``image`` (sizes must agree)."""
+        if tuple(image.GetSize()) != self.size:
+            raise ValueError(f"image size {image.GetSize()} does not match grid size {self.size}")
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def reference_image(self) -> sitk.Image:
+        """An empty image with this geometry, for ``sitk.Resample`` references."""
+        return self.apply_to(sitk.Image(list(self.size), sitk.sitkUInt8))
+
+    def same_as(self, other: "Grid", tol: float = 1e-4) -> bool:
+        return (
+            self.size == other.size
+            and np.allclose(self.spacing, other.spacing, atol=tol)
+            and np.allclose(self.origin, other.origin, atol=tol * 10)
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def voxel_coordinates(shape: tuple[int, int, int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Identity map: ``(3, Z, Y, X)`` tensor of voxel coordinates ``(x, y, z)``."""
+    nz, ny, nx = shape
+    z, y, x = torch.meshgrid(
+        torch.arange(nz, device=device, dtype=dtype),
+        torch.arange(ny, device=device, dtype=dtype),
+        torch.arange(nx, device=device, dtype=dtype),
+        indexing="ij",
+    )
+    return torch.stack((x, y, z))
+
+
+def _normalised_sampling_grid(points: torch.Tensor) -> torch.Tensor:
+    """Voxel points ``(3, Z, Y, X)`` (x, y, z) -> ``grid_sample`` grid ``(1, Z, Y, X, 3)`` in [-1, 1]."""
+    nz, ny, nx = points.shape[1:]
+    scale = torch.tensor(
+        [2.0 / max(nx - 1, 1), 2.0 / max(ny - 1, 1), 2.0 / max(nz - 1, 1)],
+        device=points.device,
+        dtype=points.dtype,
+    ).view(3, 1, 1, 1)
+    return (points * scale - 1.0).permute(1, 2, 3, 0).unsqueeze(0)
+
+
+def sample_at(values: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Sample ``values`` at ``x + displacement(x)``: the pull-back warp.
+
+    values:       ``(C, Z, Y, X)`` or ``(Z, Y, X)`` on the same grid as ``displacement``.
+    displacement: ``(3, Z, Y, X)`` in voxel units.
+    mode:         ``"bilinear"`` (trilinear in 3D) or ``"nearest"`` (label maps).
+    Returns a tensor of the same shape as ``values``.
+    """
+    squeeze = values.dim() == 3
+    vals = values.unsqueeze(0) if squeeze else values
+    points = voxel_coordinates(displacement.shape[1:], displacement.device, displacement.dtype) + displacement
+    out = F.grid_sample(
+        vals.unsqueeze(0).to(displacement.dtype),
+        _normalised_sampling_grid(points),
+        mode=mode,
+        padding_mode="border",
+        align_corners=True,
+    )[0]
+    return out[0] if squeeze else out
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Pull-back warp of an image ``(Z, Y, X)`` (or ``(C, Z, Y, X)``) by ``phi = id + displacement``."""
+    return sample_at(image, displacement, mode)
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``phi_outer o phi_inner``: ``x -> x + inner(x) + outer(x + inner(x))``.
+
+    Both ``(3, Z, Y, X)`` voxel units.  Warping by ``outer`` then by ``inner`` equals warping by
+    the result (pull-back order).
+    """
+    return inner + sample_at(outer, inner)
+
+
+# --------------------------------------------------------------------------------------------
+# Exponential of a stationary velocity field
+# --------------------------------------------------------------------------------------------
+
+
+def max_norm(field: torch.Tensor) -> float:
+    """Largest vector length of a ``(3, Z, Y, X)`` field (voxel units)."""
+    return float(torch.sqrt((field.detach() ** 2).sum(0)).max())
+
+
+def squaring_steps(velocity: torch.Tensor, max_step: float = 0.25, max_steps: int = 20) -> int:
+    """Number N of squarings so that ``|v| / 2^N <= max_step`` voxel (chosen from the field)."""
+    largest = max_norm(velocity)
+    if largest <= max_step:
+        return 0
+    return min(max_steps, int(math.ceil(math.log2(largest / max_step))))
+
+
+def exp(velocity: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    """Group exponential by scaling and squaring: displacement of ``exp(v)``.
+
+    ``exp(v)`` is the time-1 flow of ``dx/dt = v(x)``.  With ``v_0 = v / 2^N`` as a first-order
+    approximation of ``exp(v / 2^N) - id``, squaring ``phi <- phi o phi`` N times gives ``exp(v)``.
+    N defaults to :func:`squaring_steps` (first step at most 1/4 voxel).
+    velocity: ``(3, Z, Y, X)`` voxel units.  Differentiable (registration back-propagates through it).
+    """
+    n = squaring_steps(velocity) if steps is None else int(steps)
+    disp = velocity / (2.0**n)
+    for _ in range(n):
+        disp = compose(disp, disp)
+    return disp
+
+
+def inverse_exp(velocity: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    """Displacement of ``exp(v)^-1 = exp(-v)``."""
+    return exp(-velocity, steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Differential operators (central differences, one-sided at the border)
+# --------------------------------------------------------------------------------------------
+
+
+def spatial_gradient(field: torch.Tensor) -> torch.Tensor:
+    """Jacobian matrix of a field: ``(C, Z, Y, X)`` -> ``(C, 3, Z, Y, X)``, entry ``[i, j] = d f_i / d x_j``.
+
+    ``x_j`` runs over (x, y, z) = tensor dims (-1, -2, -3), voxel units.
+    """
+    d_dz, d_dy, d_dx = torch.gradient(field, dim=(-3, -2, -1))
+    return torch.stack((d_dx, d_dy, d_dz), dim=1)
+
+
+def jacobian_matrix(displacement: torch.Tensor) -> torch.Tensor:
+    """``D phi = I + D d``: ``(3, 3, Z, Y, X)``."""
+    jac = spatial_gradient(displacement)
+    eye = torch.eye(3, device=displacement.device, dtype=displacement.dtype).view(3, 3, 1, 1, 1)
+    return jac + eye
+
+
+def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """``det(I + D d)``, ``(Z, Y, X)``: local volume change of ``phi`` (same in voxel or mm units).
+
+    Values below 1 mean the warped image's content at x comes from a smaller region: for a pull-back
+    warp ``I o phi``, ``det < 1`` marks expansion of the anatomy at x, ``det > 1`` shrinkage.
+    """
+    j = jacobian_matrix(displacement)
+    return (
+        j[0, 0] * (j[1, 1] * j[2, 2] - j[1, 2] * j[2, 1])
+        - j[0, 1] * (j[1, 0] * j[2, 2] - j[1, 2] * j[2, 0])
+        + j[0, 2] * (j[1, 0] * j[2, 1] - j[1, 1] * j[2, 0])
+    )
+
+
+def divergence(field: torch.Tensor) -> torch.Tensor:
+    """``div v = sum_i d v_i / d x_i``, ``(Z, Y, X)``, voxel units."""
+    jac = spatial_gradient(field)
+    return jac[0, 0] + jac[1, 1] + jac[2, 2]
+
+
+def directional_derivative(field: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``(D a) b``: ``(3, Z, Y, X)`` x ``(3, Z, Y, X)`` -> ``(3, Z, Y, X)``."""
+    return torch.einsum("ij...,j...->i...", spatial_gradient(field), direction)
+
+
+def lie_bracket(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Group (composition) bracket ``[a, b] = (Da) b - (Db) a`` -- the sign of ITK and METHODS §3.
+
+    With this sign ``log(exp(a) o exp(b)) = a + b + 1/2 [a, b] + ...`` for our ``compose``.
+    Shapes ``(3, Z, Y, X)``.
+    """
+    return directional_derivative(a, b) - directional_derivative(b, a)
+
+
+def bch(a: torch.Tensor, b: torch.Tensor, order: int = 2) -> torch.Tensor:
+    """Baker-Campbell-Hausdorff approximation of ``log(exp(a) o exp(b))``.
+
+    order 1: ``a + b``; order 2: ``+ 1/2 [a, b]``; order 3: ``+ 1/12 ([a, [a, b]] + [b, [b, a]])``.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"BCH order must be 1, 2 or 3, got {order}")
+    out = a + b
+    if order >= 2:
+        ab = lie_bracket(a, b)
+        out = out + 0.5 * ab
+        if order >= 3:
+            out = out + (lie_bracket(a, ab) - lie_bracket(b, ab)) / 12.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution changes
+# --------------------------------------------------------------------------------------------
+
+
+def resize_field(field: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Resample a ``(3, Z, Y, X)`` voxel-unit field to another grid of the same physical extent.
+
+    The grids share corner voxel centres (``align_corners=True``), so each component is scaled by
+    the ratio of (n - 1) along its axis to stay in the new grid's voxel units.
+    """
+    old = field.shape[1:]
+    out = F.interpolate(field.unsqueeze(0), size=tuple(shape), mode="trilinear", align_corners=True)[0]
+    # components (x, y, z) correspond to dims (-1, -2, -3)
+    ratios = [
+        (shape[2] - 1) / max(old[2] - 1, 1),
+        (shape[1] - 1) / max(old[1] - 1, 1),
+        (shape[0] - 1) / max(old[0] - 1, 1),
+    ]
+    return out * torch.tensor(ratios, dtype=out.dtype, device=out.device).view(3, 1, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions to and from ITK displacement-field images
+# --------------------------------------------------------------------------------------------
+
+
+def field_to_physical(displacement: torch.Tensor, grid: Grid) -> np.ndarray:
+    """Voxel-unit field ``(3, Z, Y, X)`` -> numpy ``(Z, Y, X, 3)`` in mm (LPS): ``D diag(s) d``."""
+    matrix = torch.as_tensor(grid.index_to_physical, dtype=torch.float64)
+    d = displacement.detach().to("cpu", torch.float64)
+    return torch.einsum("ij,j...->...i", matrix, d).numpy()
+
+
+def field_from_physical(vectors_mm: np.ndarray, grid: Grid, dtype=torch.float32) -> torch.Tensor:
+    """Numpy ``(Z, Y, X, 3)`` in mm (LPS) -> voxel-unit field ``(3, Z, Y, X)``."""
+    inverse = torch.as_tensor(np.linalg.inv(grid.index_to_physical), dtype=torch.float64)
+    d = torch.as_tensor(np.asarray(vectors_mm, dtype=np.float64))
+    return torch.einsum("ij,...j->i...", inverse, d).to(dtype).contiguous()
+
+
+def field_to_sitk(displacement: torch.Tensor, grid: Grid) -> sitk.Image:
+    """ITK displacement-field image (vector float64, mm, LPS) of a voxel-unit field."""
+    image = sitk.GetImageFromArray(field_to_physical(displacement, grid), isVector=True)
+    return grid.apply_to(image)
+
+
+def field_from_sitk(image: sitk.Image, name: str = "field", dtype=torch.float32) -> tuple[torch.Tensor, Grid]:
+    """Read an ITK displacement-field image back into a voxel-unit field and its grid.
+
+    Raises ``ValueError`` naming ``name`` when the image is not a 3D field of 3-vectors.
+    """
+    if image.GetDimension() != 3:
+        raise ValueError(f"{name}: a displacement field must be 3D, this image is {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 3:
+        raise ValueError(
+            f"{name}: a displacement field needs 3 vector components per voxel (x, y, z in mm), "
+            f"this image has {image.GetNumberOfComponentsPerPixel()}"
+        )
+    grid = Grid.from_sitk(image)
+    vectors = sitk.GetArrayFromImage(image)
+    return field_from_physical(vectors, grid, dtype), grid
+
+
+def image_to_tensor(image: sitk.Image, dtype=torch.float32) -> torch.Tensor:
+    """Scalar SimpleITK image -> ``(Z, Y, X)`` tensor."""
+    return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32, copy=False)).to(dtype)
+
+
+def tensor_to_image(tensor: torch.Tensor, grid: Grid, pixel_type: int | None = None) -> sitk.Image:
+    """``(Z, Y, X)`` tensor -> SimpleITK image on ``grid`` (optionally cast to ``pixel_type``)."""
+    image = grid.apply_to(sitk.GetImageFromArray(tensor.detach().cpu().numpy()))
+    return sitk.Cast(image, pixel_type) if pixel_type is not None else image
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when present, else CPU; ``"cuda"`` raises if no GPU is available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
