@@ -125,9 +125,13 @@ def read_field(path: str | os.PathLike, name: str | None = None):
 
 
 def _temporary_sibling(path: Path) -> Path:
+    """An empty temporary file beside ``path`` with the usual permissions (mkstemp makes it 0600)."""
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 
@@ -178,6 +182,9 @@ def staged_output_dir(outdir: str | os.PathLike, overwrite: bool = False):
     check_output_path(outdir, overwrite)
     outdir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     try:
         yield staging
     except BaseException:
