@@ -1,0 +1,95 @@
+"""Progress reporting for long runs: tqdm bars for people, JSON lines for front ends.
+
+The engine calls ``reporter.progress(stage, fraction, message)`` and ``reporter.log(message)``;
+front ends choose the reporter.  The JSON-lines format is documented in docs/CONTRACTS.md
+and parsed by the Slicer module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+class Reporter:
+    """Silent reporter (base class): records stage timings only."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._stage: str | None = None
+        self._stage_start = 0.0
+
+    def _enter(self, stage: str) -> None:
+        now = time.perf_counter()
+        if stage != self._stage:
+            if self._stage is not None:
+                self.timings[self._stage] = self.timings.get(self._stage, 0.0) + now - self._stage_start
+            self._stage, self._stage_start = stage, now
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        self._enter(stage)
+
+    def log(self, message: str, level: str = "info") -> None:
+        pass
+
+    def finish(self) -> dict[str, float]:
+        """Close the current stage; returns seconds per stage."""
+        self._enter("__done__")
+        self._stage = None
+        return dict(self.timings)
+
+    def result(self, manifest_path: str) -> None:
+        pass
+
+    def error(self, message: str, exit_code: int) -> None:
+        pass
+
+
+class JsonLinesReporter(Reporter):
+    """One JSON object per line on ``stream`` (stdout by default), flushed at once."""
+
+    def __init__(self, stream=None) -> None:
+        super().__init__()
+        self.stream = stream or sys.stdout
+
+    def _emit(self, **event) -> None:
+        self.stream.write(json.dumps(event) + "\n")
+        self.stream.flush()
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        super().progress(stage, fraction, message)
+        self._emit(event="progress", stage=stage, fraction=round(float(fraction), 4), message=message)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self._emit(event="log", level=level, message=message)
+
+    def result(self, manifest_path: str) -> None:
+        self._emit(event="result", manifest=str(manifest_path))
+
+    def error(self, message: str, exit_code: int) -> None:
+        self._emit(event="error", message=message, exit_code=exit_code)
+
+
+class TqdmReporter(Reporter):
+    """One overall tqdm bar (on stderr) whose description is the current stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, unit="‰", bar_format="{desc:<40} {percentage:3.0f}%|{bar}| {elapsed}", file=sys.stderr)
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        super().progress(stage, fraction, message)
+        self.bar.set_description_str(f"{stage}: {message}"[:40])
+        self.bar.n = int(max(0.0, min(1.0, fraction)) * 1000)
+        self.bar.refresh()
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.bar.write(f"[{level}] {message}", file=sys.stderr)
+
+    def finish(self) -> dict[str, float]:
+        self.bar.n = self.bar.total
+        self.bar.close()
+        return super().finish()

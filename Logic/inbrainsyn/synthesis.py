@@ -1,0 +1,455 @@
+"""The main job: from one T1 in its own space to future scans of the same subject.
+
+Pipeline (InBrainSyn, Fu et al. 2025, with our registration and transport):
+
+1. read and validate the input (any orientation, anisotropic voxels, with or without skull);
+2. robust intensity normalisation (for registration only: outputs keep the input's intensities);
+3. affine ``A``: template physical space -> input physical space (Mattes MI, template brain mask);
+4. subject in template space ``S_t = S o A`` (on the bank grid) and template -> subject SVF ``v``
+   with ``T(age) o exp(v) ~ S_t``; the template brain mask warped by ``exp(v)`` is the brain mask;
+5. for each target age: the cohort's ageing SVF ``u`` (``T(age) o exp(u) ~ T(target)``, HC then AD
+   after a transition) transported along ``v``: ``w = transport(u, v)``;
+6. ONE composed map on the input's own grid, ``phi = A o exp(w) o A^-1``, and the input warped once by
+   it (B-spline, so the image stays sharp); labels by ``A o exp(v) o exp(w) o A^-1`` (nearest);
+   the atrophy map is the local volume ratio future/baseline, ``det D phi^-1``.
+
+All outputs lie on the input's grid and geometry, so they overlay the input exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from inbrainsyn import fields, io
+from inbrainsyn.errors import InputError, ProcessingError
+from inbrainsyn.progress import Reporter
+
+COHORTS = ("HC", "AD")
+TRANSPORT_METHODS = ("pole", "schild", "conjugation", "half-conjugation", "none")
+
+# Below this local NCC between template and subject after registration, we assume no brain was found.
+MIN_BRAIN_SIMILARITY = 0.25
+
+
+@dataclass
+class SynthesisRequest:
+    """Every user choice of one run (what the CLI and the Slicer parameter node hold)."""
+
+    input_path: str
+    age: float
+    targets: list[float]
+    cohort: str = "HC"
+    transition_age: float | None = None
+    bank: str | None = None
+    transport: str = "pole"
+    skull_stripped: bool = False
+    device: str = "auto"
+    seed: int = 0
+    registration_levels: int | None = None  # None: registration default
+
+    def validate(self, age_range: tuple[float, float]) -> None:
+        """Check ages and choices against the bank; raise InputError with what to do."""
+        lo, hi = age_range
+        if self.cohort not in COHORTS:
+            raise InputError(f"--cohort must be one of {', '.join(COHORTS)}, got {self.cohort!r}")
+        if self.transport not in TRANSPORT_METHODS:
+            raise InputError(f"--transport must be one of {', '.join(TRANSPORT_METHODS)}, got {self.transport!r}")
+        if not self.targets:
+            raise InputError("give at least one target age (--targets)")
+        if not (lo <= self.age <= hi):
+            raise InputError(f"age {self.age:g} is outside the template bank's ages [{lo:g}, {hi:g}]")
+        for target in self.targets:
+            if target <= self.age:
+                raise InputError(f"target age {target:g} must be above the baseline age {self.age:g}")
+            if target > hi:
+                raise InputError(f"target age {target:g} is beyond the template bank's last age {hi:g}")
+        if self.transition_age is not None:
+            if self.cohort != "HC":
+                raise InputError("--transition-age describes conversion from HC to AD: use it with --cohort HC")
+            if not (self.age <= self.transition_age <= max(self.targets)):
+                raise InputError(
+                    f"transition age {self.transition_age:g} must lie in [{self.age:g}, {max(self.targets):g}] "
+                    "(between the baseline age and the last target)"
+                )
+
+
+# ------------------------------------------------------------------------------------------------
+# Intensity
+# ------------------------------------------------------------------------------------------------
+
+
+def normalise_intensity(image: sitk.Image, mask: sitk.Image | None = None, low=1.0, high=99.0) -> sitk.Image:
+    """Robust min-max to [0, 1]: the ``low``/``high`` percentiles of foreground voxels map to 0 and 1.
+
+    Percentiles (not min/max) make it robust to hot voxels and to smooth bias; foreground is
+    ``mask`` when given, else voxels above 10% of the 99th percentile (air excluded).
+    """
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if mask is not None:
+        values = array[sitk.GetArrayViewFromImage(mask) > 0]
+    else:
+        values = array[array > 0.1 * np.percentile(array, 99)]
+    if values.size < 100:
+        raise ProcessingError("intensity normalisation found almost no foreground voxels: is this a brain MRI?")
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        raise ProcessingError("intensity normalisation: the image has no contrast in its foreground")
+    out = np.clip((array - lo) / (hi - lo), 0.0, 1.5).astype(np.float32)
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(image)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry helpers: native grid <-> template grid
+# ------------------------------------------------------------------------------------------------
+
+
+def affine_parts(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, t)`` with ``transform(p) = M p + t`` for any affine-like ITK transform.
+
+    Read off by probing the transform at the origin and the three unit points, which works for
+    Euler, similarity, affine and composites of them alike.
+    """
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)), dtype=np.float64)
+    columns = [np.asarray(transform.TransformPoint(tuple(e)), dtype=np.float64) - origin for e in np.eye(3)]
+    return np.stack(columns, axis=1), origin
+
+
+def _grid_points_mm(grid: fields.Grid, device, dtype=torch.float64) -> torch.Tensor:
+    """Physical coordinates ``(Z, Y, X, 3)`` (LPS mm) of a grid's voxel centres."""
+    idx = fields.voxel_coordinates(grid.shape, device, dtype)  # (3, Z, Y, X), (x, y, z)
+    m = torch.as_tensor(grid.index_to_physical, device=device, dtype=dtype)
+    o = torch.as_tensor(grid.origin, device=device, dtype=dtype)
+    return torch.einsum("ij,j...->...i", m, idx) + o
+
+
+def _mm_to_index(points: torch.Tensor, grid: fields.Grid) -> torch.Tensor:
+    """Physical points ``(..., 3)`` -> continuous voxel indices ``(..., 3)`` (x, y, z) of ``grid``."""
+    inv = torch.as_tensor(np.linalg.inv(grid.index_to_physical), device=points.device, dtype=points.dtype)
+    o = torch.as_tensor(grid.origin, device=points.device, dtype=points.dtype)
+    return torch.einsum("ij,...j->...i", inv, points - o)
+
+
+def _sample_volume(values: torch.Tensor, index_points: torch.Tensor, mode="bilinear", padding="zeros") -> torch.Tensor:
+    """Sample ``(C, Z, Y, X)`` at continuous voxel indices ``(Zo, Yo, Xo, 3)``: returns ``(C, Zo, Yo, Xo)``."""
+    nz, ny, nx = values.shape[1:]
+    scale = torch.tensor([2.0 / (nx - 1), 2.0 / (ny - 1), 2.0 / (nz - 1)], dtype=index_points.dtype, device=index_points.device)
+    grid = (index_points * scale - 1.0).unsqueeze(0).to(values.dtype)
+    return F.grid_sample(values.unsqueeze(0), grid, mode=mode, padding_mode=padding, align_corners=True)[0]
+
+
+@dataclass
+class NativeMapper:
+    """Carries template-space transforms onto the input's own grid through the affine ``A``.
+
+    ``A`` maps template physical points to input physical points (ITK registration convention), so a
+    template-space pull-back map ``psi`` becomes ``A o psi o A^-1`` on the input grid.  Work is done
+    in slabs of ``chunk_slices`` native slices to bound memory on large inputs.
+    """
+
+    native_grid: fields.Grid
+    template_grid: fields.Grid
+    matrix: np.ndarray  # A(p) = matrix @ p + offset
+    offset: np.ndarray
+    device: torch.device
+    chunk_slices: int = 32
+
+    def _slabs(self):
+        """Yield ``(z0, p, q)``: native points p and ``A^-1 p`` (mm, ``(z, Y, X, 3)``) slab by slab."""
+        dev, dt = self.device, torch.float64
+        m_inv = torch.linalg.inv(torch.as_tensor(self.matrix, device=dev, dtype=dt))
+        t = torch.as_tensor(self.offset, device=dev, dtype=dt)
+        points = _grid_points_mm(self.native_grid, dev, dt)
+        for z0 in range(0, points.shape[0], self.chunk_slices):
+            p = points[z0 : z0 + self.chunk_slices]
+            yield z0, p, torch.einsum("ij,...j->...i", m_inv, p - t)
+
+    def native_map(self, template_displacement: torch.Tensor) -> np.ndarray:
+        """Physical displacement ``(Z, Y, X, 3)`` mm on the native grid of ``A o (id + d) o A^-1``.
+
+        ``template_displacement``: ``(3, Zt, Yt, Xt)`` voxel units of the template grid; outside
+        the template grid it is taken as zero (no deformation there).
+        """
+        dt = torch.float64
+        m = torch.as_tensor(self.matrix, device=self.device, dtype=dt)
+        t = torch.as_tensor(self.offset, device=self.device, dtype=dt)
+        disp_mm = torch.as_tensor(
+            fields.field_to_physical(template_displacement, self.template_grid), device=self.device, dtype=torch.float32
+        ).permute(3, 0, 1, 2)
+        out = np.empty((*self.native_grid.shape, 3), dtype=np.float32)
+        for z0, p, q in self._slabs():
+            d = _sample_volume(disp_mm, _mm_to_index(q, self.template_grid)).permute(1, 2, 3, 0).to(dt)
+            mapped = torch.einsum("ij,...j->...i", m, q + d) + t  # A(q + d(q))
+            out[z0 : z0 + p.shape[0]] = (mapped - p).cpu().numpy()
+        return out
+
+    def pull_template(
+        self, template_values: torch.Tensor, template_displacement: torch.Tensor | None = None, mode="nearest", fill=0.0
+    ) -> np.ndarray:
+        """Native image ``V(psi(A^-1 p))`` of a template-grid map ``V`` ``(Zt, Yt, Xt)``.
+
+        ``psi = id + template_displacement`` (voxel units, template grid) or the identity when None.
+        Outside the template grid the value is ``fill``.
+        """
+        values = (template_values.to(self.device, torch.float32) - fill).unsqueeze(0)
+        disp = None if template_displacement is None else template_displacement.to(self.device, torch.float32)
+        out = np.empty(self.native_grid.shape, dtype=np.float32)
+        for z0, p, q in self._slabs():
+            idx = _mm_to_index(q, self.template_grid)
+            if disp is not None:
+                idx = idx + _sample_volume(disp, idx).permute(1, 2, 3, 0).to(idx.dtype)
+            out[z0 : z0 + p.shape[0]] = (_sample_volume(values, idx, mode)[0] + fill).cpu().numpy()
+        return out
+
+
+def resample_native(image: sitk.Image, displacement_mm: np.ndarray, interpolator, default=0.0) -> sitk.Image:
+    """``image(p + d(p))`` on the image's own grid, with ``d`` given as ``(Z, Y, X, 3)`` mm."""
+    field_image = sitk.GetImageFromArray(displacement_mm.astype(np.float64), isVector=True)
+    field_image.CopyInformation(image)
+    transform = sitk.DisplacementFieldTransform(field_image)
+    return sitk.Resample(image, image, transform, interpolator, default, image.GetPixelID())
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SubjectInTemplateSpace:
+    """What the pipeline knows of the subject after registration (all on the bank grid)."""
+
+    affine_matrix: np.ndarray  # A: template mm -> input mm, A(p) = M p + t
+    affine_offset: np.ndarray
+    image: torch.Tensor  # normalised subject resampled on the bank grid, (Z, Y, X)
+    velocity: torch.Tensor  # v: T(age) o exp(v) ~ image, (3, Z, Y, X) voxel units
+    displacement: torch.Tensor  # exp(v)
+    similarity: float
+    folding_fraction: float
+
+
+@dataclass
+class TargetResult:
+    age: float
+    velocity: torch.Tensor  # w, transported ageing in template space
+    displacement: torch.Tensor  # exp(w)
+
+
+def dilate_mask(mask: sitk.Image, radius_mm: float) -> sitk.Image:
+    radius = [max(1, int(round(radius_mm / s))) for s in mask.GetSpacing()]
+    return sitk.BinaryDilate(sitk.Cast(mask > 0, sitk.sitkUInt8), radius)
+
+
+def register_subject(
+    subject: sitk.Image,
+    request: SynthesisRequest,
+    bank,
+    device: torch.device,
+    reporter: Reporter,
+) -> SubjectInTemplateSpace:
+    """Affine then SVF registration of the bank template at the subject's age onto the subject."""
+    from inbrainsyn.registration import affine_register, register_svf
+
+    template = bank.template(request.cohort, request.age)
+    brain_mask = bank.mask
+    reporter.progress("affine", 0.10, "affine alignment to the template")
+    normalised = normalise_intensity(subject)
+    # The template's (dilated) brain mask restricts the metric to the brain, so skull and neck in
+    # the input do not pull the alignment.
+    transform = affine_register(template, normalised, fixed_mask=dilate_mask(brain_mask, 10.0), seed=request.seed)
+    matrix, offset = affine_parts(transform)
+
+    grid = bank.grid
+    in_template = sitk.Resample(normalised, grid.reference_image(), transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    fixed = fields.image_to_tensor(in_template)
+    moving = fields.image_to_tensor(template)
+    support = fields.image_to_tensor(sitk.Cast(dilate_mask(brain_mask, 6.0), sitk.sitkFloat32))
+    if not request.skull_stripped:
+        # Registration sees the brain only: outside the template's dilated mask the subject's
+        # skull and scalp are not modelled by the (skull-stripped) template.
+        fixed = fixed * support
+    fixed = fixed.clamp(0, 1)
+
+    reporter.progress("registration", 0.20, "template to subject SVF registration")
+
+    def on_progress(fraction, message=""):
+        reporter.progress("registration", 0.20 + 0.35 * float(fraction), message or "registering")
+
+    result = register_svf(
+        fixed, moving, spacing=grid.spacing, mask=support, device=device, seed=request.seed, progress=on_progress
+    )
+    if not math.isfinite(result.similarity) or result.similarity < MIN_BRAIN_SIMILARITY:
+        raise ProcessingError(
+            f"no brain found: after registration the template matches the input with local correlation "
+            f"{result.similarity:.2f} (< {MIN_BRAIN_SIMILARITY}). Is the input a T1-weighted brain MRI? "
+            "If it is skull-stripped, pass --skull-stripped."
+        )
+    return SubjectInTemplateSpace(
+        affine_matrix=matrix,
+        affine_offset=offset,
+        image=fixed,
+        velocity=result.velocity.detach().cpu(),
+        displacement=result.displacement.detach().cpu(),
+        similarity=float(result.similarity),
+        folding_fraction=float(result.folding_fraction),
+    )
+
+
+def transported_ageing(subject: SubjectInTemplateSpace, request: SynthesisRequest, bank, device) -> list[TargetResult]:
+    """For each target age: the cohort ageing ``u`` transported along ``v`` and its exponential."""
+    from inbrainsyn.transport import transport
+
+    v = subject.velocity.to(device)
+    results = []
+    for target in request.targets:
+        u = bank.ageing_svf(request.cohort, request.age, target, transition_age=request.transition_age).to(device)
+        w = transport(u, along=v, method=request.transport)
+        results.append(TargetResult(age=float(target), velocity=w.cpu(), displacement=fields.exp(w).cpu()))
+    return results
+
+
+def _image_like(array: np.ndarray, reference: sitk.Image, pixel_type=sitk.sitkFloat32) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return sitk.Cast(image, pixel_type)
+
+
+def age_tag(age: float) -> str:
+    return f"age{age:05.1f}"
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import scipy
+
+    from inbrainsyn import __version__
+
+    return {
+        "inbrainsyn": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "SimpleITK": sitk.Version_VersionString(),
+    }
+
+
+def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool = False, reporter: Reporter | None = None) -> Path:
+    """Run the whole job and write every output into ``outdir`` (atomically); returns manifest.json's path."""
+    from inbrainsyn import report as report_mod
+    from inbrainsyn.templates import load_bank, regional_volumes_ml
+
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    io.check_output_path(outdir, overwrite)
+    reporter.progress("read", 0.0, "reading the input")
+    subject = io.read_image(request.input_path, name=str(request.input_path))
+    bank = load_bank(request.bank)
+    request.validate(bank.age_range(request.cohort if request.transition_age is None else "AD"))
+    if request.transition_age is not None:
+        lo, hi = bank.age_range("HC")
+        if not (lo <= request.age <= hi):
+            raise InputError(f"age {request.age:g} is outside the HC templates' ages [{lo:g}, {hi:g}]")
+    device = fields.resolve_device(request.device)
+    torch.manual_seed(request.seed)
+
+    registered = register_subject(subject, request, bank, device, reporter)
+    reporter.progress("transport", 0.58, f"transporting the {request.cohort} ageing ({request.transport})")
+    targets = transported_ageing(registered, request, bank, device)
+
+    native_grid = fields.Grid.from_sitk(subject)
+    mapper = NativeMapper(native_grid, bank.grid, registered.affine_matrix, registered.affine_offset, device)
+    labels_t = fields.image_to_tensor(bank.labels)
+    mask_t = fields.image_to_tensor(bank.mask)
+    label_names = bank.label_names
+    cohort_of = lambda age: (  # noqa: E731 - the cohort shown for an age: AD after a conversion
+        "AD" if request.transition_age is not None and age > request.transition_age else request.cohort
+    )
+
+    outputs: list[dict] = []
+    volumes: list[dict] = []
+    with io.staged_output_dir(outdir, overwrite) as stage:
+        reporter.progress("outputs", 0.70, "writing the baseline")
+        io.write_image(subject, stage / "baseline.nii.gz")
+        outputs.append({"kind": "baseline", "age": request.age, "cohort": request.cohort, "path": "baseline.nii.gz"})
+        baseline_labels = _image_like(mapper.pull_template(labels_t, registered.displacement), subject, sitk.sitkInt16)
+        brain_mask = _image_like(mapper.pull_template(mask_t, registered.displacement) > 0.5, subject, sitk.sitkUInt8)
+        io.write_image(baseline_labels, stage / f"labels_{age_tag(request.age)}.nii.gz")
+        io.write_image(brain_mask, stage / "brain_mask.nii.gz")
+        outputs.append({"kind": "labels", "age": request.age, "cohort": request.cohort, "path": f"labels_{age_tag(request.age)}.nii.gz"})
+        outputs.append({"kind": "mask", "age": request.age, "cohort": request.cohort, "path": "brain_mask.nii.gz"})
+        volumes.append({"age": request.age, "cohort": request.cohort, **regional_volumes_ml(baseline_labels, label_names)})
+
+        subject_array = sitk.GetArrayViewFromImage(subject)
+        low, high = float(subject_array.min()), float(subject_array.max())
+        for i, target in enumerate(targets):
+            tag = age_tag(target.age)
+            cohort = cohort_of(target.age)
+            reporter.progress("outputs", 0.70 + 0.25 * i / len(targets), f"age {target.age:g}: warping the input once")
+            native = mapper.native_map(target.displacement)
+            synthetic = resample_native(subject, native, sitk.sitkBSpline)
+            synthetic = sitk.Clamp(synthetic, sitk.sitkFloat32, low, high)  # B-spline overshoot
+            difference = sitk.Subtract(synthetic, subject)
+            inverse = fields.exp(-target.velocity)
+            jacobian = _image_like(mapper.pull_template(fields.jacobian_determinant(inverse), None, "bilinear", fill=1.0), subject)
+            label_disp = fields.compose(registered.displacement, target.displacement)  # exp(v) o exp(w)
+            labels = _image_like(mapper.pull_template(labels_t, label_disp), subject, sitk.sitkInt16)
+            for kind, image in (("synthetic", synthetic), ("difference", difference), ("jacobian", jacobian), ("labels", labels)):
+                name = f"{kind}_{tag}.nii.gz"
+                io.write_image(image, stage / name)
+                outputs.append({"kind": kind, "age": target.age, "cohort": cohort, "path": name})
+            volumes.append({"age": target.age, "cohort": cohort, **regional_volumes_ml(labels, label_names)})
+
+        reporter.progress("report", 0.95, "volumes and report")
+        report_mod.write_volumes_csv(volumes, stage / "volumes.csv")
+        outputs.append({"kind": "volumes", "path": "volumes.csv"})
+        report_mod.write_report(stage, outputs, volumes, stage / "report.png", title=_title(request))
+        outputs.append({"kind": "report", "path": "report.png"})
+        timings = reporter.finish()
+        manifest = {
+            "tool": "inbrainsyn",
+            "command": "synthesize",
+            "version": versions()["inbrainsyn"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "device": str(device),
+            "inputs": {
+                "image": str(Path(request.input_path).absolute()),
+                "age": request.age,
+                "cohort": request.cohort,
+                "transition_age": request.transition_age,
+                "targets": [float(t) for t in request.targets],
+            },
+            "parameters": {**asdict(request), "bank": bank.describe() if hasattr(bank, "describe") else str(request.bank)},
+            "diagnostics": {
+                "template_to_subject_similarity": registered.similarity,
+                "template_to_subject_folding_fraction": registered.folding_fraction,
+                "affine_matrix": registered.affine_matrix.tolist(),
+                "affine_offset": registered.affine_offset.tolist(),
+            },
+            "timings_s": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 3)},
+            "versions": versions(),
+            "outputs": outputs,
+            "labels": {str(k): v for k, v in label_names.items()},
+        }
+        io.write_json(manifest, stage / "manifest.json")
+    manifest_path = Path(outdir).absolute() / "manifest.json"
+    reporter.result(str(manifest_path))
+    return manifest_path
+
+
+def _title(request: SynthesisRequest) -> str:
+    conversion = f", HC->AD at {request.transition_age:g}" if request.transition_age is not None else ""
+    return (
+        f"InBrainSyn: {Path(request.input_path).name}, age {request.age:g}, {request.cohort}{conversion}, "
+        f"transport {request.transport}"
+    )
