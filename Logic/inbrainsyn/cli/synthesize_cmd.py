@@ -1,0 +1,85 @@
+"""``inbrainsyn synthesize``: one T1 in its own space -> future scans, maps, volumes and a report."""
+
+from __future__ import annotations
+
+import argparse
+
+from inbrainsyn.errors import InBrainSynError
+
+
+def add_common_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transport", default="pole", choices=["pole", "schild", "conjugation", "half-conjugation", "none"],
+                        help="parallel transport of the template ageing into the subject (default: pole ladder)")
+    parser.add_argument("--bank", default=None, help="template bank folder (default: the shipped model bank)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print progress and results as JSON lines (for front ends)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (results are deterministic for a seed)")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "synthesize",
+        help="synthesise future scans of one subject",
+        description="From one T1-weighted MRI (NIfTI, NRRD, MHA or a DICOM series folder; with or without skull; any "
+        "orientation), synthesise the subject's brain at later ages under healthy ageing (HC) or Alzheimer's "
+        "disease (AD). Outputs lie on the input's own grid.",
+    )
+    parser.add_argument("input", help="T1-weighted image file or DICOM series folder")
+    parser.add_argument("--age", type=float, required=True, help="the subject's age at the scan (years)")
+    parser.add_argument("--targets", type=float, nargs="+", required=True, help="target ages (years), each above --age")
+    parser.add_argument("--cohort", default="HC", choices=["HC", "AD"], help="ageing model: healthy (HC) or Alzheimer's (AD)")
+    parser.add_argument("--transition-age", type=float, default=None, help="age of conversion from HC to AD (with --cohort HC)")
+    parser.add_argument("--skull-stripped", action="store_true", help="the input is already brain-extracted")
+    parser.add_argument("-o", "--output", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    add_common_run_options(parser)
+    parser.set_defaults(func=run)
+
+
+def make_reporter(args):
+    from inbrainsyn.progress import JsonLinesReporter, Reporter, TqdmReporter
+
+    if args.json:
+        return JsonLinesReporter()
+    if args.quiet:
+        return Reporter()
+    return TqdmReporter()
+
+
+def execute(request, args) -> int:
+    """Run a request with the reporter the flags ask for; errors become one message and an exit code."""
+    from inbrainsyn.synthesis import run_synthesis
+
+    reporter = make_reporter(args)
+    try:
+        manifest = run_synthesis(request, args.output, overwrite=args.overwrite, reporter=reporter)
+    except InBrainSynError as exc:
+        if args.json:
+            reporter.error(str(exc), exc.exit_code)
+        raise
+    except Exception as exc:  # an unexpected failure still gets a JSON error line for front ends
+        if args.json:
+            reporter.error(f"{type(exc).__name__}: {exc}", 1)
+        raise
+    if not args.json:
+        print(f"outputs: {manifest.parent}\nreport:  {manifest.parent / 'report.png'}")
+    return 0
+
+
+def run(args) -> int:
+    from inbrainsyn.synthesis import SynthesisRequest
+
+    request = SynthesisRequest(
+        input_path=args.input,
+        age=args.age,
+        targets=list(args.targets),
+        cohort=args.cohort,
+        transition_age=args.transition_age,
+        bank=args.bank,
+        transport=args.transport,
+        skull_stripped=args.skull_stripped,
+        device=args.device,
+        seed=args.seed,
+    )
+    return execute(request, args)
