@@ -1,0 +1,362 @@
+"""Run the ``inbrainsyn`` engine in a background process and read its JSON event stream.
+
+Plain Python (subprocess, threads, json): the Slicer widget polls :meth:`EngineProcess.poll`
+from a Qt timer, so the GUI never waits on the engine; pytest drives the same class with a
+small fake engine script.
+
+Event stream (docs/CONTRACTS.md), one JSON object per stdout line::
+
+    {"event": "progress", "stage": "...", "fraction": 0.0-1.0, "message": "..."}
+    {"event": "log", "level": "info|warning", "message": "..."}
+    {"event": "result", "manifest": "/abs/OUTDIR/manifest.json"}     last line on success
+    {"event": "error", "message": "...", "exit_code": N}                last line on failure
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Ages the templates cover: OASIS-3 training scans span 43.5-95.7 years (METHODS.md); a little
+# margin either side, beyond which the template ageing is extrapolation and refused.
+AGE_MIN = 40.0
+AGE_MAX = 100.0
+COHORTS = ("HC", "AD")
+TRANSPORT_METHODS = ("pole", "schild", "conjugation", "half-conjugation", "none")
+DEVICES = ("auto", "cpu", "cuda")
+ENGINE_ENVIRONMENT_VARIABLE = "INBRAINSYN_ENGINE"
+
+
+class EngineMissingError(Exception):
+    """The ``inbrainsyn`` engine cannot be started (not installed, or the command is wrong)."""
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    """Everything ``inbrainsyn synthesize`` needs; built from the module's parameter node."""
+
+    input_path: str
+    age: float
+    cohort: str
+    targets: tuple
+    output_dir: str
+    transition_age: float | None = None
+    method: str = "pole"
+    device: str = "auto"
+    bank: str | None = None
+
+
+@dataclass
+class EngineOutcome:
+    """How a run ended: ``status`` is "succeeded", "failed" or "cancelled"."""
+
+    status: str
+    exit_code: int | None
+    manifest: str | None = None
+    message: str = ""
+    stderr_tail: list = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+
+# ---------------------------------------------------------------- values from the GUI
+
+
+def parse_target_ages(text: str) -> list[float]:
+    """Target ages typed as "75, 80 85" -> [75.0, 80.0, 85.0] (sorted, duplicates removed).
+
+    Raises ValueError naming the entry that is not a number.
+    """
+    ages = []
+    for token in text.replace(";", ",").replace(",", " ").split():
+        try:
+            ages.append(float(token))
+        except ValueError:
+            raise ValueError(f"target age {token!r} is not a number; type ages in years, e.g. 75, 80, 85") from None
+    return sorted(set(ages))
+
+
+def check_ages(age: float, cohort: str, targets, conversion_enabled: bool = False,
+               conversion_age: float | None = None) -> list[str]:
+    """Problems with the chosen ages, as sentences for the user (empty list: all fine).
+
+    Rules: baseline and targets within [AGE_MIN, AGE_MAX]; at least one target; every target
+    after the baseline (the engine synthesises future scans); conversion to AD only from a
+    healthy (HC) baseline, at an age after the baseline and not after the last target.
+    """
+    problems = []
+    if not AGE_MIN <= age <= AGE_MAX:
+        problems.append(f"Patient age {age:g} is outside the range the templates cover ({AGE_MIN:g}-{AGE_MAX:g} years).")
+    if cohort not in COHORTS:
+        problems.append(f"Cohort {cohort!r} is unknown; choose HC (healthy ageing) or AD (Alzheimer's disease).")
+    targets = list(targets)
+    if not targets:
+        problems.append("Give at least one target age (years), e.g. 75, 80, 85.")
+    for target in targets:
+        if not AGE_MIN <= target <= AGE_MAX:
+            problems.append(f"Target age {target:g} is outside {AGE_MIN:g}-{AGE_MAX:g} years.")
+        elif target <= age:
+            problems.append(f"Target age {target:g} is not after the patient's age {age:g}; targets must be future ages.")
+    if conversion_enabled:
+        if cohort != "HC":
+            problems.append("Conversion to AD needs a healthy (HC) baseline; set the cohort to HC.")
+        if conversion_age is None:
+            problems.append("Give the age of conversion to AD.")
+        elif targets and not age < conversion_age <= max(targets):
+            problems.append(
+                f"Conversion age {conversion_age:g} must lie after the patient's age {age:g} and not after the last target {max(targets):g}."
+            )
+    return problems
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def find_engine(python_executable: str | None = None, environ=None) -> list[str]:
+    """The command prefix that starts the engine, e.g. ``[".../PythonSlicer", "-m", "inbrainsyn"]``.
+
+    Order: the ``INBRAINSYN_ENGINE`` environment variable (a command line, e.g. the
+    ``inbrainsyn`` of another Python environment), then ``python -m inbrainsyn`` with
+    ``python_executable`` (Slicer's own Python, where the module installs the engine).
+    Raises EngineMissingError with what to do when neither works.
+    """
+    environ = os.environ if environ is None else environ
+    custom = environ.get(ENGINE_ENVIRONMENT_VARIABLE, "").strip()
+    if custom:
+        return shlex.split(custom, posix=os.name != "nt")
+    python = python_executable or sys.executable
+    probe = subprocess.run(
+        [python, "-c", "import inbrainsyn, inbrainsyn.cli"], capture_output=True, text=True, timeout=120
+    )
+    if probe.returncode != 0:
+        raise EngineMissingError(
+            f"The InBrainSyn engine is not installed in {python}. Press 'Install dependencies' in the "
+            f"InBrainSyn module (or set {ENGINE_ENVIRONMENT_VARIABLE} to an inbrainsyn command)."
+        )
+    return [python, "-m", "inbrainsyn"]
+
+
+def _age_text(age: float) -> str:
+    return f"{float(age):g}"
+
+
+def synthesize_argv(engine: list[str], request: SynthesisRequest) -> list[str]:
+    """``inbrainsyn synthesize INPUT --age A --cohort C --targets T.. -o DIR --json [...]``."""
+    argv = [*engine, "synthesize", request.input_path, "--age", _age_text(request.age), "--cohort", request.cohort,
+            "--targets", *[_age_text(t) for t in request.targets], "-o", request.output_dir,
+            "--method", request.method, "--device", request.device, "--json"]
+    if request.transition_age is not None:
+        argv += ["--transition-age", _age_text(request.transition_age)]
+    if request.bank:
+        argv += ["--bank", request.bank]
+    return argv
+
+
+def preview_argv(engine: list[str], input_path: str, age: float, cohort: str, targets, slice_index: int,
+                 output_dir: str) -> list[str]:
+    """``inbrainsyn daninet preview INPUT --age A --cohort HC|AD --targets T.. --slice K -o DIR --json``."""
+    return [*engine, "daninet", "preview", input_path, "--age", _age_text(age), "--cohort", cohort,
+            "--targets", *[_age_text(t) for t in targets], "--slice", str(int(slice_index)), "-o", output_dir, "--json"]
+
+
+def parse_event_line(line: str) -> dict | None:
+    """One stdout line -> event dict; plain text (e.g. a library's print) becomes a log event."""
+    text = line.strip()
+    if not text:
+        return None
+    if text.startswith("{"):
+        try:
+            event = json.loads(text)
+        except ValueError:
+            event = None
+        if isinstance(event, dict) and "event" in event:
+            return event
+    return {"event": "log", "level": "output", "message": text}
+
+
+def explain_failure(exit_code: int | None, error_message: str, stderr_tail: list) -> str:
+    """One clear sentence for the user from whatever the engine left behind."""
+    if error_message:
+        return error_message
+    joined = "\n".join(stderr_tail)
+    if "invalid choice" in joined:
+        return ("This version of the InBrainSyn engine lacks the requested command; update the engine "
+                "('Install dependencies' reinstalls it from the extension). Details:\n" + joined)
+    if joined:
+        return f"The engine stopped with exit code {exit_code}:\n{joined}"
+    return f"The engine stopped with exit code {exit_code} and no message."
+
+
+# ---------------------------------------------------------------- the background process
+
+
+class EngineProcess:
+    """One engine run in a child process, read by two daemon threads.
+
+    ``poll()`` returns the events parsed so far without blocking; ``cancel()`` stops the whole
+    process group (the engine and anything it started); ``outcome()`` tells how it ended.
+    """
+
+    def __init__(self, argv: list[str], env: dict | None = None, cwd: str | None = None, stderr_lines: int = 40):
+        self.argv = list(argv)
+        self.env = env
+        self.cwd = cwd
+        self._events: queue.Queue = queue.Queue()
+        self._stderr = collections.deque(maxlen=stderr_lines)
+        self._process: subprocess.Popen | None = None
+        self._threads: list[threading.Thread] = []
+        self._cancelled = False
+        self._last_result: str | None = None
+        self._last_error: str = ""
+
+    # -- starting
+    def start(self) -> "EngineProcess":
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True  # own process group: cancel reaches its children
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")  # events arrive as they are printed
+        try:
+            self._process = subprocess.Popen(
+                self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, cwd=self.cwd, **kwargs,
+            )
+        except (FileNotFoundError, PermissionError) as exc:
+            raise EngineMissingError(f"cannot start the engine {self.argv[0]!r}: {exc.strerror}") from None
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _read_stdout(self) -> None:
+        for line in self._process.stdout:
+            event = parse_event_line(line)
+            if event is None:
+                continue
+            if event.get("event") == "result":
+                self._last_result = event.get("manifest")
+            elif event.get("event") == "error":
+                self._last_error = str(event.get("message", ""))
+            self._events.put(event)
+
+    def _read_stderr(self) -> None:
+        for line in self._process.stderr:
+            line = line.rstrip("\n")
+            if line:
+                self._stderr.append(line)
+                self._events.put({"event": "log", "level": "stderr", "message": line})
+
+    # -- watching
+    def poll(self) -> list[dict]:
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def is_running(self) -> bool:
+        if self._process is None:
+            return False
+        if self._process.poll() is None:
+            return True
+        return any(thread.is_alive() for thread in self._threads)
+
+    def wait(self, timeout: float | None = None) -> EngineOutcome | None:
+        """Wait until the process ended and its output is read; None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self.outcome()
+
+    # -- stopping
+    def cancel(self, grace_s: float = 3.0) -> None:
+        """Stop the engine: SIGTERM to its process group, SIGKILL if still alive after ``grace_s``."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._cancelled = True
+        self._signal_group(terminate=True)
+        try:
+            self._process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self._signal_group(terminate=False)
+            self._process.wait()
+
+    def _signal_group(self, terminate: bool) -> None:
+        pid = self._process.pid
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/PID", str(pid), "/T"] + ([] if terminate else ["/F"]), capture_output=True)
+            return
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM if terminate else signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # -- the end
+    def outcome(self) -> EngineOutcome | None:
+        """How the run ended, or None while it is still running."""
+        if self.is_running():
+            return None
+        code = self._process.returncode
+        tail = list(self._stderr)
+        if self._cancelled:
+            return EngineOutcome("cancelled", code, message="Cancelled; nothing was added to the scene.", stderr_tail=tail)
+        if code == 0 and self._last_result:
+            return EngineOutcome("succeeded", code, manifest=self._last_result, stderr_tail=tail)
+        if code == 0:
+            message = "The engine finished without announcing its results (no 'result' event)."
+            return EngineOutcome("failed", code, message=message, stderr_tail=tail)
+        return EngineOutcome("failed", code, message=explain_failure(code, self._last_error, tail), stderr_tail=tail)
+
+
+def run_engine(argv: list[str], on_event=None, should_cancel=None, poll_s: float = 0.05,
+               env: dict | None = None) -> EngineOutcome:
+    """Run the engine to the end (for scripts and the self-test); ``on_event(event)`` per event,
+    ``should_cancel()`` checked every ``poll_s`` seconds."""
+    process = EngineProcess(argv, env=env).start()
+    while process.is_running():
+        for event in process.poll():
+            if on_event:
+                on_event(event)
+        if should_cancel and should_cancel():
+            process.cancel()
+        time.sleep(poll_s)
+    for event in process.poll():
+        if on_event:
+            on_event(event)
+    return process.wait()
+
+
+def output_folder_for(base_dir, input_name: str) -> Path:
+    """A new, empty run folder ``base_dir/<input>-YYYYmmdd-HHMMSS[-n]`` (never an existing one)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in input_name) or "input"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(base_dir)
+    candidate = base / f"{safe}-{stamp}"
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"{safe}-{stamp}-{n}"
+    candidate.mkdir(parents=True)
+    return candidate
