@@ -346,14 +346,15 @@ def versions() -> dict[str, str]:
 
 def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool = False, reporter: Reporter | None = None) -> Path:
     """Run the whole job and write every output into ``outdir`` (atomically); returns manifest.json's path."""
-    from inbrainsyn import report as report_mod
-    from inbrainsyn.templates import load_bank, regional_volumes_ml
-
     reporter = reporter or Reporter()
     started = time.perf_counter()
     io.check_output_path(outdir, overwrite)
     reporter.progress("read", 0.0, "reading the input")
     subject = io.read_image(request.input_path, name=str(request.input_path))
+
+    from inbrainsyn import report as report_mod
+    from inbrainsyn.templates import load_bank, regional_volumes_ml
+
     bank = load_bank(request.bank)
     request.validate(bank.age_range(request.cohort if request.transition_age is None else "AD"))
     if request.transition_age is not None:
