@@ -4,11 +4,12 @@ Inside Slicer the application already owns ``slicer.mrmlScene`` and these logics
 for pytest (PyPI ``slicer-core``) and for offscreen snapshots. It sets up what the desktop does at
 start-up for the node classes we use: application logic, colours (default colour tables, colour
 legend node class), sequences (browser node class, proxy nodes updated on item change), subject
-hierarchy, layout and one slice logic per slice view.
+hierarchy, layout, scene I/O (.mrb) and one slice logic per slice view.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 
 import slicer
@@ -27,6 +28,9 @@ class HeadlessSlicer:
     sequences_logic: object
     subject_hierarchy_logic: object
     layout_logic: object
+    remote_io_logic: object = None
+    data_io_logic: object = None
+    cache_dir: object = None
     slice_logics: dict = field(default_factory=dict)
 
     def slice_logic(self, view_name: str):
@@ -59,6 +63,18 @@ def new_headless_slicer(slice_views=SLICE_VIEW_NAMES) -> HeadlessSlicer:
     layout_logic = slicer.vtkMRMLLayoutLogic()
     layout_logic.SetMRMLScene(scene)
 
+    # Scene I/O (.mrb reading needs a data-I/O manager with a cache folder, as in the desktop).
+    cache_dir = tempfile.TemporaryDirectory(prefix="inbrainsyn-slicer-cache-")
+    remote_io_logic = slicer.vtkMRMLRemoteIOLogic()
+    remote_io_logic.SetMRMLScene(scene)
+    remote_io_logic.SetMRMLApplicationLogic(app_logic)
+    remote_io_logic.GetCacheManager().SetRemoteCacheDirectory(cache_dir.name)
+    data_io_logic = slicer.vtkDataIOManagerLogic()
+    data_io_logic.SetMRMLScene(scene)
+    data_io_logic.SetMRMLApplicationLogic(app_logic)
+    data_io_logic.SetAndObserveDataIOManager(remote_io_logic.GetDataIOManager())
+    remote_io_logic.AddDataIOToScene()
+
     headless = HeadlessSlicer(
         scene=scene,
         app_logic=app_logic,
@@ -66,6 +82,9 @@ def new_headless_slicer(slice_views=SLICE_VIEW_NAMES) -> HeadlessSlicer:
         sequences_logic=sequences_logic,
         subject_hierarchy_logic=subject_hierarchy_logic,
         layout_logic=layout_logic,
+        remote_io_logic=remote_io_logic,
+        data_io_logic=data_io_logic,
+        cache_dir=cache_dir,
     )
     for name in slice_views:
         logic = slicer.vtkMRMLSliceLogic()

@@ -343,7 +343,7 @@ def _build(scene, manifest: Manifest, input_node, input_name: str, result: Resul
     for node in result.added:
         if node is None or node.GetScene() is None:
             continue
-        if node.IsA("vtkMRMLDisplayNode") or node.IsA("vtkMRMLStorageNode") or node.IsA("vtkMRMLColorNode"):
+        if node.IsA("vtkMRMLDisplayNode") or node.IsA("vtkMRMLStorageNode"):
             continue
         item = sh.GetItemByDataNode(node) or sh.CreateItem(folder, node)
         sh.SetItemParent(item, folder)
