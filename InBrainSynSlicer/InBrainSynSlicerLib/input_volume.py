@@ -83,3 +83,19 @@ def ijk_to_ras(node) -> list[list[float]]:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
     return [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
+
+
+def axial_slice_index(node, ras_point) -> int:
+    """Index of the voxel slice of ``node`` that contains ``ras_point``, along its most axial axis.
+
+    The most axial axis is the IJK axis whose RAS direction has the largest |S| component
+    (k for a usual axial scan, j for a coronal acquisition...). The index is clipped to the image.
+    """
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    axis = max(range(3), key=lambda a: abs(ijk_to_ras.GetElement(2, a)))
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    node.GetRASToIJKMatrix(ras_to_ijk)
+    ijk = ras_to_ijk.MultiplyPoint([float(ras_point[0]), float(ras_point[1]), float(ras_point[2]), 1.0])
+    size = node.GetImageData().GetDimensions()[axis]
+    return int(min(max(round(ijk[axis]), 0), size - 1))

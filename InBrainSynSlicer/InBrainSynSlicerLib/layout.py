@@ -94,6 +94,13 @@ def show_side_by_side(scene, left_volume, right_volume, overlay_volume=None, cha
         composite.SetLinkedControl(True)
         composite.SetHotLinkedControl(True)
         used[view] = composite
+    right_slice = _by_layout_name(scene, "vtkMRMLSliceNode", RIGHT_VIEW)
+    if overlay_volume is not None and right_slice is not None:
+        # The overlay's colour legend belongs to the view that shows the overlay, not to all views.
+        for i in range(overlay_volume.GetNumberOfDisplayNodes()):
+            display = overlay_volume.GetNthDisplayNode(i)
+            if display is not None and display.IsA("vtkMRMLColorLegendDisplayNode"):
+                display.SetViewNodeIDs([right_slice.GetID()])
     plot_view = _by_layout_name(scene, "vtkMRMLPlotViewNode", PLOT_VIEW)
     if chart is not None:
         if plot_view is not None:

@@ -180,3 +180,36 @@ def read_manifest(manifest_path) -> Manifest:
     if not manifest.images_of_kind("synthetic"):
         raise ManifestError(f"{path}: lists no synthetic image")
     return manifest
+
+
+def read_preview_outputs(manifest_path) -> dict:
+    """Images of a ``daninet preview`` run: ``{"strip": Path|None, "slices": {age: Path}}``.
+
+    The strip is the output whose kind mentions "strip" (else the first PNG); per-target slices
+    are image outputs with an age. Raises ManifestError when the run left no picture at all.
+    """
+    path = Path(manifest_path).resolve()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"no preview manifest at {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read preview manifest {path}: {exc}") from None
+    strip, first_png, slices = None, None, {}
+    for output in data.get("outputs", []):
+        if "path" not in output:
+            continue
+        file_path = (path.parent / output["path"]).resolve()
+        if not file_path.is_file():
+            continue
+        kind = str(output.get("kind", ""))
+        if "strip" in kind and strip is None:
+            strip = file_path
+        elif file_path.suffix.lower() == ".png" and first_png is None and output.get("age") is None:
+            first_png = file_path
+        if output.get("age") is not None and "strip" not in kind:
+            slices[_as_age(output["age"], str(path))] = file_path
+    strip = strip or first_png
+    if strip is None and not slices:
+        raise ManifestError(f"{path}: the preview wrote no image")
+    return {"strip": strip, "slices": slices}

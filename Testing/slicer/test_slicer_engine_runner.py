@@ -206,3 +206,20 @@ def test_manifest_reads_volumes_per_age(engine_output_dir):
     assert ventricles == sorted(ventricles) and ventricles[-1] > ventricles[0]  # the phantom's ventricle grows
     data = json.loads(engine_output_dir.read_text())
     assert manifest.baseline_age == data["inputs"]["age"]
+
+
+def test_preview_outputs_strip_and_slices(tmp_path):
+    from InBrainSynSlicerLib.manifest import read_preview_outputs
+
+    for name in ("strip.png", "slice_75.png", "slice_80.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    outputs = [{"kind": "preview_strip", "path": "strip.png"},
+               {"kind": "preview_slice", "age": 75, "path": "slice_75.png"},
+               {"kind": "preview_slice", "age": 80, "path": "slice_80.png"}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"outputs": outputs}))
+    images = read_preview_outputs(tmp_path / "manifest.json")
+    assert images["strip"] == tmp_path / "strip.png"
+    assert images["slices"] == {75.0: tmp_path / "slice_75.png", 80.0: tmp_path / "slice_80.png"}
+    (tmp_path / "manifest.json").write_text(json.dumps({"outputs": []}))
+    with pytest.raises(ManifestError, match="no image"):
+        read_preview_outputs(tmp_path / "manifest.json")

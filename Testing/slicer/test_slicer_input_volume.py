@@ -86,3 +86,16 @@ def test_export_writes_the_geometry_and_leaves_the_node_alone(headless, tmp_path
     np.testing.assert_allclose(image.GetOrigin(), lps[:3, 3], atol=1e-5)
     vtk_values = vtk.util.numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image).ravel(), vtk_values)
+
+
+def test_axial_slice_index_follows_the_most_superior_axis(headless):
+    node = volume_node(headless.scene, dims=(20, 22, 24))  # spacing 1.1, 0.9, 1.3; origin (10, -20, 5)
+    assert input_volume.axial_slice_index(node, (12.0, -15.0, 5.0 + 1.3 * 7)) == 7
+    assert input_volume.axial_slice_index(node, (0.0, 0.0, 1000.0)) == 23  # clipped to the last slice
+    # A coronal acquisition: k points anterior, j points superior -> the index runs along j.
+    direction = vtk.vtkMatrix4x4()
+    for r, row in enumerate([[1, 0, 0], [0, 0, 1], [0, 1, 0]]):
+        for c, value in enumerate(row):
+            direction.SetElement(r, c, value)
+    node.SetIJKToRASDirectionMatrix(direction)
+    assert input_volume.axial_slice_index(node, (12.0, -15.0, 5.0 + 0.9 * 5)) == 5  # S = 0.9 j + 5
