@@ -1,0 +1,236 @@
+"""DaniNet slice preview: one axial slice of a template-space volume at several target ages.
+
+:func:`preview_slices` is THE entry point (the CLI ``inbrainsyn daninet preview`` and the Slicer
+module's slice preview both call it). For a baseline slice x at age a0 and diagnosis d:
+
+1. z = E(x); per-bin outputs g_b = G(z, b, d, k), b = 0..9;
+2. continuous age: g(t) = sum_b m_b(t) g_b (Gaussian membership, sigma 2.5 y, as the code's
+   3D assembly);
+3. assembly onto the subject's own slice (``assembly``):
+
+   * ``"residual"`` (default, ours): y(t) = clip(x + D(t), 0, 1), D(t) = g(t) - g(a0); for
+     t > a0 only darkening is kept (D = min(D, 0)), for t < a0 only brightening. The generator's
+     reconstruction error cancels in D, so the subject's detail is kept.
+   * ``"blend"`` (the public code): g(t) is histogram-matched to x (quantile map from g(a0) to x,
+     applied to g(t), which keeps the age change), then y = (1 - p) x + p g(t) with
+     p = min(1, sqrt(|t - a0| / 25)), keeping only darkening for future ages.
+
+Input: a volume (Z, Y, X) already in template space (the model's grid), in [0, 1] or in
+scanner units (then normalised by its 99.5th percentile).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from inbrainsyn.daninet import conditioning as cond
+from inbrainsyn.daninet import geometry
+from inbrainsyn.daninet.model import DaniNet
+from inbrainsyn.errors import InputError
+
+ASSEMBLIES = ("residual", "blend")
+TARGET_AGE_RANGE = (50.0, 100.0)
+
+
+def default_weights_path() -> Path:
+    from inbrainsyn.paths import resource_path
+
+    return resource_path("daninet", "daninet.pt")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, mtime: float) -> DaniNet:
+    return DaniNet.load(path)
+
+
+def load_model(weights: str | Path | None = None) -> DaniNet:
+    """The DaniNet at ``weights`` (default: the shipped model), cached while the file is unchanged."""
+    path = Path(weights) if weights is not None else default_weights_path()
+    if not path.is_file():
+        raise InputError(f"DaniNet weights not found: {path} (train them with 'inbrainsyn daninet train' "
+                         "or reinstall the package to get the shipped model)")
+    return _load_cached(str(path.resolve()), path.stat().st_mtime)
+
+
+def _check_targets(targets) -> list[float]:
+    out = []
+    for t in list(targets):
+        t = float(t)
+        if not np.isfinite(t) or not TARGET_AGE_RANGE[0] <= t <= TARGET_AGE_RANGE[1]:
+            raise InputError(f"target age {t} is outside {TARGET_AGE_RANGE[0]:.0f}-{TARGET_AGE_RANGE[1]:.0f} years")
+        out.append(t)
+    if not out:
+        raise InputError("give at least one target age")
+    return out
+
+
+@torch.no_grad()
+def bin_outputs(model: DaniNet, frame: torch.Tensor, dx: int, slice_index: int) -> torch.Tensor:
+    """g_b for all bins: frame (1, 1, S, S) -> (10, 1, S, S) in [-1, 1]."""
+    z = model.E(frame)
+    return model.generate_all_bins(z, torch.tensor([dx]), torch.tensor([slice_index]))[0]
+
+
+def blend_bins(g: torch.Tensor, age: float) -> torch.Tensor:
+    """g(t) = sum_b m_b(t) g_b: (10, 1, S, S) -> (1, 1, S, S)."""
+    m = torch.as_tensor(cond.age_membership(age), dtype=g.dtype)
+    return (m[:, None, None, None] * g).sum(dim=0, keepdim=True)
+
+
+def _quantile_map(source: np.ndarray, reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Monotone map taking the quantiles of ``source`` to those of ``reference``, applied to ``values``."""
+    q = np.linspace(0.0, 1.0, 101)
+    src, ref = np.quantile(source, q), np.quantile(reference, q)
+    src = np.maximum.accumulate(src + np.arange(len(q)) * 1e-9)
+    return np.interp(values, src, ref)
+
+
+def assemble(x: np.ndarray, g0: np.ndarray, gt: np.ndarray, age: float, target: float, assembly: str) -> np.ndarray:
+    """Prediction at ``target`` from x, g(a0), g(t), all (Y, X) in [0, 1]."""
+    if assembly == "residual":
+        delta = gt - g0
+        if target > age:
+            delta = np.minimum(delta, 0.0)
+        elif target < age:
+            delta = np.maximum(delta, 0.0)
+        return np.clip(x + delta, 0.0, 1.0)
+    if assembly == "blend":
+        matched = _quantile_map(g0, x, gt)
+        p = min(1.0, np.sqrt(abs(target - age) / 25.0))
+        y = (1.0 - p) * x + p * matched
+        if target > age:
+            y = np.minimum(y, x)
+        return np.clip(y, 0.0, 1.0)
+    raise InputError(f"unknown assembly {assembly!r}; use one of {', '.join(ASSEMBLIES)}")
+
+
+def preview_slices(volume_in_template_space: np.ndarray | sitk.Image, slice_index: int, age: float, cohort: str,
+                   targets, weights: str | Path | None = None, finetune_steps: int = 0,
+                   model: DaniNet | None = None, assembly: str = "residual") -> dict:
+    """Predict axial slice ``slice_index`` of a template-space volume at each target age.
+
+    Returns a dict with ``baseline`` (Y, X) and ``predictions`` (list of (Y, X), one per target),
+    both in [0, 1] on the slice's own grid, plus ``bins`` (10, Y, X) (the generator's per-bin
+    outputs), ``targets``, ``age``, ``cohort``, ``slice_index``, ``timings_s`` and the settings.
+    """
+    t0 = time.perf_counter()
+    if assembly not in ASSEMBLIES:
+        raise InputError(f"unknown assembly {assembly!r}; use one of {', '.join(ASSEMBLIES)}")
+    vol = geometry.as_volume_array(volume_in_template_space, "volume in template space")
+    targets = _check_targets(targets)
+    age = float(age)
+    if not np.isfinite(age) or not TARGET_AGE_RANGE[0] <= age <= TARGET_AGE_RANGE[1]:
+        raise InputError(f"baseline age {age} is outside {TARGET_AGE_RANGE[0]:.0f}-{TARGET_AGE_RANGE[1]:.0f} years")
+    dx = cond.diagnosis_class(cohort)
+    if model is None:
+        model = load_model(weights)
+    grid = model.meta.get("grid_size_zyx")
+    if grid is not None and tuple(vol.shape) != tuple(grid):
+        raise InputError(f"volume shape {tuple(vol.shape)} is not the template grid {tuple(grid)} the DaniNet "
+                         "model was trained on: bring the subject into template space first "
+                         "(the CLI does it with an affine registration)")
+    k = geometry.check_slice_index(slice_index, vol.shape[0], tuple(model.cfg.slice_band))
+    vol = geometry.normalise_intensity(vol)
+    x = vol[k]
+    frame = geometry.to_frame(x[None], model.cfg.frame_size)
+    t_load = time.perf_counter()
+    if finetune_steps > 0:
+        from inbrainsyn.daninet.transfer import finetune
+
+        lo, hi = model.cfg.slice_band
+        ks = [j for j in range(k - 2, k + 3) if lo <= j <= hi]
+        model = finetune(model, geometry.to_frame(vol[ks], model.cfg.frame_size), age, dx, np.array(ks), finetune_steps)
+    t_ft = time.perf_counter()
+    g = bin_outputs(model, frame, dx, k)
+    g0 = geometry.from_frame(blend_bins(g, age), x.shape)[0]
+    preds = [assemble(x, g0, geometry.from_frame(blend_bins(g, t), x.shape)[0], age, t, assembly) for t in targets]
+    bins = geometry.from_frame(g, x.shape)
+    t_end = time.perf_counter()
+    return {
+        "baseline": x, "predictions": preds, "bins": bins, "targets": targets, "age": age,
+        "cohort": cohort, "diagnosis_class": cond.DIAGNOSIS_CLASSES[dx], "slice_index": k,
+        "assembly": assembly, "finetune_steps": int(finetune_steps),
+        "timings_s": {"prepare": t_load - t0, "finetune": t_ft - t_load, "predict": t_end - t_ft, "total": t_end - t0},
+    }
+
+
+def _slice_image(array: np.ndarray, reference: sitk.Image | None, slice_index: int) -> sitk.Image:
+    """A 2D image (Y, X) with the in-plane spacing/origin of axial slice k of ``reference``."""
+    img = sitk.GetImageFromArray(array.astype(np.float32))
+    if reference is not None:
+        sx, sy, _ = reference.GetSpacing()
+        img.SetSpacing((sx, sy))
+        origin = reference.TransformIndexToPhysicalPoint((0, 0, int(slice_index)))
+        img.SetOrigin(origin[:2])
+        d = np.array(reference.GetDirection()).reshape(3, 3)
+        img.SetDirection(tuple(d[:2, :2].ravel()))
+    return img
+
+
+def write_strip(result: dict, path: Path) -> None:
+    """PNG strip: baseline and each target (top), change from baseline (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from inbrainsyn import io
+
+    n = 1 + len(result["targets"])
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.4), squeeze=False)
+    x = result["baseline"]
+    panels = [(x, f"baseline {result['age']:.1f} y")] + [(p, f"{t:.1f} y") for p, t in zip(result["predictions"], result["targets"])]
+    vmax = max(float(np.abs(p - x).max()) for p in result["predictions"]) or 1e-3
+    for j, (img, title) in enumerate(panels):
+        axes[0, j].imshow(img, cmap="gray", vmin=0, vmax=1, origin="lower")
+        axes[0, j].set_title(title, fontsize=9)
+        diff = axes[1, j].imshow(img - x, cmap="RdBu_r", vmin=-vmax, vmax=vmax, origin="lower")
+        axes[1, j].set_title("change" if j else "", fontsize=8)
+        for ax in axes[:, j]:
+            ax.axis("off")
+    fig.colorbar(diff, ax=axes[1, :].tolist(), shrink=0.7, label="intensity change")
+    fig.suptitle(f"DaniNet slice preview, slice {result['slice_index']}, {result['cohort']} "
+                 "(model trained on synthetic data)", fontsize=10)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def write_preview(result: dict, outdir: str | Path, inputs: dict, parameters: dict, reference: sitk.Image | None = None,
+                  overwrite: bool = False, extra_timings: dict | None = None) -> Path:
+    """Write slices (2D NIfTI), ``strip.png`` and ``manifest.json`` into ``outdir`` atomically."""
+    from inbrainsyn import __version__, io
+
+    k = result["slice_index"]
+    with io.staged_output_dir(outdir, overwrite) as stage:
+        outputs = []
+        name = f"slice{k:03d}_baseline.nii.gz"
+        io.write_image(_slice_image(result["baseline"], reference, k), stage / name)
+        outputs.append({"kind": "baseline", "age": result["age"], "cohort": result["cohort"], "slice": k, "path": name})
+        for t, pred in zip(result["targets"], result["predictions"]):
+            name = f"slice{k:03d}_age{t:05.1f}.nii.gz"
+            io.write_image(_slice_image(pred, reference, k), stage / name)
+            outputs.append({"kind": "synthetic", "age": t, "cohort": result["cohort"], "slice": k, "path": name})
+        write_strip(result, stage / "strip.png")
+        outputs.append({"kind": "report", "path": "strip.png"})
+        manifest = {
+            "tool": "inbrainsyn", "command": "daninet preview", "version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": "cpu",
+            "inputs": {**inputs, "age": result["age"], "cohort": result["cohort"], "targets": result["targets"],
+                       "slice": k},
+            "parameters": {**parameters, "assembly": result["assembly"], "finetune_steps": result["finetune_steps"],
+                           "diagnosis_class": result["diagnosis_class"]},
+            "timings_s": {key: round(v, 4) for key, v in {**result["timings_s"], **(extra_timings or {})}.items()},
+            "versions": {"inbrainsyn": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "SimpleITK": sitk.Version_VersionString()},
+            "outputs": outputs,
+            "note": "DaniNet slice preview from a model trained on synthetic (phantom) data; not for clinical use.",
+        }
+        io.write_json(manifest, stage / "manifest.json")
+    return Path(outdir).absolute() / "manifest.json"
