@@ -1,0 +1,403 @@
+"""Parametric regional atrophy model and its realisation as a diffeomorphism.
+
+Two parts:
+
+1. :class:`AtrophyModel` -- how much each region changes between two ages, for HC, AD and an
+   HC -> AD conversion (annual rates from the literature, METHODS.md section 5).
+2. :func:`solve_ageing_svf` -- a stationary velocity field u on a given anatomy (its own region
+   maps) such that warping that anatomy by ``exp(u)`` (pull-back) changes every region's volume by
+   the prescribed amount, with the brain's loss taken up by CSF inside a fixed skull.
+
+Rate model
+----------
+Annual log-volume rate of region R (fraction per year) at age a:
+
+* HC:  ``r_HC(a) = rho_HC * max(0.25, 1 + alpha (a - a_ref))`` with ``a_ref = 75`` and
+  ``alpha = 0.035 / y`` (Du 2006: hippocampal rate grows by 0.05 %/y per year of age on a
+  1.41 %/y rate, i.e. 3.5 % of the rate per year; applied to every region -- an assumption).
+* AD:  ``r_AD(a) = r_HC(a) + (rho_AD - rho_HC) * w(a)``, ``w(a) = clip((a - 55) / 10, 0, 1)``:
+  the disease excess is age-independent (Leung 2013: no within-group acceleration in AD) and
+  ramps in over 55-65 because both cohorts share the anatomy at 55 (model simplification).
+* HC -> AD converter with conversion age t: HC rates before t, AD rates after.
+
+Tissue regions integrate in log-volume: ``log V(a1)/V(a0) = int r``.  The lateral ventricles
+integrate *linearly* in volume from the model's base age 55 (``V(a) = V55 (1 + int_55^a r)``),
+because a compounding +9 %/y over decades is impossible in a skull; absolute ventricular growth
+(mL/y) is what Resnick 2003 and Leung 2013 report.  CSF is not prescribed: it absorbs the
+remainder so that the intracranial volume is constant.
+
+Realisation (the solver)
+------------------------
+Pull-back convention (fields.py): the aged image is ``I o phi``.  A region of volume V in ``I``
+occupies ``V / det(D phi)`` in ``I o phi``, so a log-volume change ``g`` needs
+``log det D phi = -g`` there.  With ``phi = exp(u)`` and ``u = grad(psi)``,
+``log det D exp(u) ~ div u = Laplace(psi)`` for small u, so ``psi`` solves the Poisson problem
+``Laplace(psi) = f``, ``f = sum_R (-g_R) 1_R`` smoothed, with Neumann boundaries (DCT-II
+diagonalises the discrete Neumann Laplacian: eigenvalues ``sum_d 2 cos(pi k_d / N_d) - 2``).
+Because ``sum f = 0`` inside the skull (the CSF balances the loss), the field decays outside it.
+The linearisation and the smoothing leave errors, so the regional coefficients are corrected
+by a fixed-point iteration: the achieved change is measured by warping the partial-volume maps
+(trilinear) and ``f_R <- f_R - (g_R - achieved_R)``.  ``u`` is a gradient field and ``exp`` keeps it
+diffeomorphic (no folding; checked).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.fft
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+from inbrainsyn import fields
+from inbrainsyn.errors import InputError, ProcessingError
+
+COHORTS = ("HC", "AD")
+
+# ---------------------------------------------------------------------------------------------
+# Rates
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionRate:
+    """Annual volume change of one region at the reference age (fraction per year, negative = loss)."""
+
+    region: str
+    hc: float
+    ad: float
+    integration: str  # "log" (compounding) or "linear" (linear in volume from the base age)
+    source: str
+
+
+DEFAULT_RATES: tuple[RegionRate, ...] = (
+    RegionRate("hippocampus", -0.0141, -0.0466, "log", "Barnes 2009 Neurobiol Aging (HC -1.41 %/y, AD -4.66 %/y)"),
+    RegionRate("amygdala", -0.0120, -0.0400, "log",
+               "assumption: ~85 % of the hippocampal rates (no figure in METHODS.md section 5)"),
+    RegionRate("cortical_gm", -0.0083, -0.0200, "log",
+               "HC: Crivello 2014 PLoS ONE (-0.83 %/y, 65-82 y); AD: assumption between whole-brain "
+               "-1.5..-3 %/y (Fox & Schott 2004) and local -5.3 %/y (Thompson 2003)"),
+    RegionRate("subcortical_gm", -0.0060, -0.0150, "log", "assumption (deep GM between WM and cortex)"),
+    RegionRate("cerebral_wm", -0.0060, -0.0100, "log",
+               "HC: Resnick 2003 J Neurosci (-3.1 cm3/y on ~500 cm3); AD: assumption (>= healthy)"),
+    RegionRate("lateral_ventricles", 0.0200, 0.0900, "linear", "de Leon 1989 (HC +2 %/y, AD +9 %/y)"),
+)
+
+
+@dataclass(frozen=True)
+class AtrophyModel:
+    """Regional volume change between ages for HC, AD and HC->AD converters (see module docstring)."""
+
+    rates: tuple[RegionRate, ...] = DEFAULT_RATES
+    reference_age: float = 75.0
+    acceleration: float = 0.035  # relative increase of the HC rate per year of age (Du 2006)
+    base_age: float = 55.0  # both cohorts share the anatomy here; AD excess ramps in after it
+    ad_ramp_years: float = 10.0
+    min_rate_factor: float = 0.25
+    balance_region: str = "csf"
+
+    # -- serialisation (bank.json "atrophy_model") -------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "type": "inbrainsyn-parametric-v1",
+            "reference_age": self.reference_age,
+            "acceleration_per_year": self.acceleration,
+            "base_age": self.base_age,
+            "ad_ramp_years": self.ad_ramp_years,
+            "min_rate_factor": self.min_rate_factor,
+            "balance_region": self.balance_region,
+            "rates_per_year": {
+                r.region: {"HC": r.hc, "AD": r.ad, "integration": r.integration, "source": r.source}
+                for r in self.rates
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "atrophy_model") -> "AtrophyModel":
+        if data.get("type") != "inbrainsyn-parametric-v1":
+            raise InputError(f"{where}: unknown atrophy model type {data.get('type')!r}; expected 'inbrainsyn-parametric-v1'")
+        try:
+            rates = tuple(
+                RegionRate(name, float(v["HC"]), float(v["AD"]), str(v.get("integration", "log")), str(v.get("source", "")))
+                for name, v in data["rates_per_year"].items()
+            )
+            return cls(
+                rates=rates,
+                reference_age=float(data.get("reference_age", 75.0)),
+                acceleration=float(data.get("acceleration_per_year", 0.035)),
+                base_age=float(data.get("base_age", 55.0)),
+                ad_ramp_years=float(data.get("ad_ramp_years", 10.0)),
+                min_rate_factor=float(data.get("min_rate_factor", 0.25)),
+                balance_region=str(data.get("balance_region", "csf")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{where}: malformed atrophy model ({exc}); see docs/templates.md") from None
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        return tuple(r.region for r in self.rates)
+
+    def rate(self, region: str, cohort: str, age: float) -> float:
+        """Annual rate (fraction per year) of ``region`` for ``cohort`` at ``age``."""
+        r = self._rate_entry(region)
+        hc = r.hc * max(self.min_rate_factor, 1.0 + self.acceleration * (age - self.reference_age))
+        if cohort == "HC":
+            return hc
+        if cohort == "AD":
+            ramp = min(1.0, max(0.0, (age - self.base_age) / self.ad_ramp_years))
+            return hc + (r.ad - r.hc) * ramp
+        raise InputError(f"unknown cohort {cohort!r}; use one of {', '.join(COHORTS)}")
+
+    def _rate_entry(self, region: str) -> RegionRate:
+        for r in self.rates:
+            if r.region == region:
+                return r
+        raise KeyError(region)
+
+    def integrated_rate(self, region: str, cohort: str, age_from: float, age_to: float,
+                        transition_age: float | None = None, steps_per_year: int = 20) -> float:
+        """``int_{age_from}^{age_to} r(a) da`` (midpoint rule; negative when age_to < age_from).
+
+        With ``transition_age`` the HC rate applies before it and the AD rate after it.
+        """
+        if age_to == age_from:
+            return 0.0
+        sign = 1.0 if age_to > age_from else -1.0
+        lo, hi = min(age_from, age_to), max(age_from, age_to)
+        n = max(1, int(math.ceil((hi - lo) * steps_per_year)))
+        ages = lo + (np.arange(n) + 0.5) * (hi - lo) / n
+        total = 0.0
+        for a in ages:
+            c = cohort
+            if transition_age is not None:
+                c = "HC" if a < transition_age else "AD"
+            total += self.rate(region, c, float(a))
+        return sign * total * (hi - lo) / n
+
+    def log_volume_change(self, region: str, cohort: str, age_from: float, age_to: float,
+                          transition_age: float | None = None, multiplier: float = 1.0) -> float:
+        """Prescribed ``log(V(age_to) / V(age_from))`` of one region.
+
+        ``multiplier`` scales the rates (subject-specific deviation in the phantom).
+        """
+        r = self._rate_entry(region)
+        if r.integration == "log":
+            return multiplier * self.integrated_rate(region, cohort, age_from, age_to, transition_age)
+        # linear in volume from the base age: V(a) / V(base) = 1 + int_base^a r
+        base = min(self.base_age, age_from, age_to)
+        start_cohort = "HC" if transition_age is not None else cohort
+        v_from = 1.0 + multiplier * self.integrated_rate(region, start_cohort, base, age_from, transition_age)
+        v_to = 1.0 + multiplier * self.integrated_rate(region, start_cohort, base, age_to, transition_age)
+        if v_from <= 0.05 or v_to <= 0.05:
+            raise InputError(f"atrophy model: {region} volume would vanish between ages {age_from} and {age_to}")
+        return math.log(v_to / v_from)
+
+    def targets(self, cohort: str, age_from: float, age_to: float, transition_age: float | None = None,
+                multipliers: dict[str, float] | None = None) -> dict[str, float]:
+        """Prescribed log-volume changes of every rated region (CSF excluded: it balances)."""
+        if cohort not in COHORTS:
+            raise InputError(f"unknown cohort {cohort!r}; use one of {', '.join(COHORTS)}")
+        multipliers = multipliers or {}
+        return {
+            r.region: self.log_volume_change(r.region, cohort, age_from, age_to, transition_age,
+                                             multipliers.get(r.region, 1.0))
+            for r in self.rates
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Solver
+# ---------------------------------------------------------------------------------------------
+
+
+RELAXATION = 0.7  # damping of the regional coefficient updates (see solve_ageing_svf)
+
+
+@dataclass
+class AtrophySolution:
+    """Result of :func:`solve_ageing_svf`.
+
+    velocity: ``(3, Z, Y, X)`` voxel units on the input grid; ``anatomy o exp(velocity)`` is aged.
+    goals / achieved: log-volume changes per region (achieved measured on warped partial-volume maps).
+    """
+
+    velocity: torch.Tensor
+    goals: dict[str, float]
+    achieved: dict[str, float]
+    min_jacobian: float
+    iterations: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def relative_errors(self) -> dict[str, float]:
+        """``|achieved - goal| / |goal|`` per region with a non-negligible goal."""
+        return {
+            name: abs(self.achieved[name] - goal) / abs(goal)
+            for name, goal in self.goals.items()
+            if abs(goal) > 1e-6
+        }
+
+
+def poisson_neumann(source: np.ndarray) -> np.ndarray:
+    """Solve ``Laplace(psi) = source`` (3-point stencil, unit spacing) with Neumann boundaries.
+
+    The mean of ``source`` is removed first (compatibility condition); ``psi`` has zero mean.
+    source: ``(Z, Y, X)`` float64.  DCT-II diagonalises the Neumann Laplacian.
+    """
+    spectrum = scipy.fft.dctn(source - source.mean(), type=2, norm="ortho", workers=-1)
+    eig = np.zeros(source.shape)
+    for axis, n in enumerate(source.shape):
+        shape = [1, 1, 1]
+        shape[axis] = n
+        eig = eig + (2.0 * np.cos(np.pi * np.arange(n) / n) - 2.0).reshape(shape)
+    eig[0, 0, 0] = 1.0
+    spectrum = spectrum / eig
+    spectrum[0, 0, 0] = 0.0
+    return scipy.fft.idctn(spectrum, type=2, norm="ortho", workers=-1)
+
+
+def gradient_field(potential: np.ndarray) -> torch.Tensor:
+    """``grad(psi)`` as a ``(3, Z, Y, X)`` voxel-unit field with components (x, y, z)."""
+    d_dz, d_dy, d_dx = np.gradient(potential)
+    return torch.from_numpy(np.stack((d_dx, d_dy, d_dz))).float()
+
+
+def _downsample_maps(maps: torch.Tensor, shape: tuple[int, int, int], sigma_vox: tuple[float, float, float]) -> torch.Tensor:
+    """Anti-aliased resampling of partial-volume maps to ``shape`` (corner-aligned grids)."""
+    if tuple(maps.shape[1:]) == tuple(shape):
+        return maps
+    smooth = torch.from_numpy(
+        np.stack([scipy.ndimage.gaussian_filter(m.numpy(), sigma_vox, mode="nearest") for m in maps])
+    )
+    return F.interpolate(smooth.unsqueeze(0), size=tuple(shape), mode="trilinear", align_corners=True)[0]
+
+
+def coarse_shape(shape: tuple[int, int, int], spacing_zyx: tuple[float, float, float], target_mm: float) -> tuple[int, int, int]:
+    """Grid shape with spacing close to ``target_mm`` spanning the same corner voxel centres."""
+    return tuple(
+        max(8, int(round((n - 1) * s / target_mm)) + 1) if s < target_mm else n
+        for n, s in zip(shape, spacing_zyx)
+    )
+
+
+def measure_log_changes(region_maps: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """``log(sum warped map / sum map)`` per region ``(R,)``: warp partial-volume maps (trilinear)."""
+    before = region_maps.sum(dim=(1, 2, 3)).double()
+    after = fields.warp(region_maps, displacement).sum(dim=(1, 2, 3)).double()
+    return torch.log(after.clamp_min(1e-6) / before.clamp_min(1e-6))
+
+
+def balance_goals(volumes: dict[str, float], prescribed: dict[str, float], balance_region: str) -> dict[str, float]:
+    """Add the balancing region's goal so that the total volume of all regions stays constant.
+
+    ``dV = sum_R V_R (exp(g_R) - 1)``; the balance region gets ``log(1 - dV / V_balance)``.
+    """
+    if balance_region not in volumes or volumes[balance_region] <= 0:
+        raise InputError(f"atrophy solver: the anatomy has no '{balance_region}' region to take up the volume change")
+    change = sum(volumes[n] * (math.exp(g) - 1.0) for n, g in prescribed.items() if n in volumes)
+    ratio = 1.0 - change / volumes[balance_region]
+    if ratio <= 0.05:
+        raise InputError(
+            f"atrophy solver: the prescribed changes would need the {balance_region} to shrink to "
+            f"{ratio:.2f} of its volume; ask for a shorter age interval"
+        )
+    goals = {n: float(g) for n, g in prescribed.items() if n in volumes}
+    goals[balance_region] = math.log(ratio)
+    return goals
+
+
+def solve_ageing_svf(
+    region_maps: torch.Tensor,
+    region_names: list[str],
+    prescribed: dict[str, float],
+    spacing_zyx: tuple[float, float, float],
+    balance_region: str = "csf",
+    smoothing_mm: float = 2.0,
+    solve_spacing_mm: float = 2.0,
+    iterations: int = 8,
+    tolerance: float = 0.03,
+    full_rounds: int = 3,
+) -> AtrophySolution:
+    """SVF u with ``anatomy o exp(u)`` realising the prescribed regional log-volume changes.
+
+    region_maps: ``(R, Z, Y, X)`` partial-volume (or one-hot) maps of the anatomy's regions, named
+        by ``region_names`` (background not included).
+    prescribed: ``{region: log(V_after / V_before)}``; regions absent from the anatomy are ignored;
+        ``balance_region`` (CSF) takes up the total change; other regions get goal 0.
+    spacing_zyx: voxel size (mm) along the tensor dims (Z, Y, X).
+    The solve runs on a grid of about ``solve_spacing_mm`` (the field is smooth) and the velocity is
+    resampled to the input grid; the achieved changes are measured on the input grid.
+    Returns an :class:`AtrophySolution`.
+    """
+    if region_maps.dim() != 4 or region_maps.shape[0] != len(region_names):
+        raise ValueError("region_maps must be (R, Z, Y, X) with one name per map")
+    full_shape = tuple(int(n) for n in region_maps.shape[1:])
+    maps = region_maps.float()
+    volumes_vox = maps.sum(dim=(1, 2, 3)).double()
+    volumes = {n: float(v) for n, v in zip(region_names, volumes_vox)}
+    goals = balance_goals(volumes, prescribed, balance_region)
+    goal_vec = torch.tensor([goals.get(n, 0.0) for n in region_names], dtype=torch.float64)
+
+    shape = coarse_shape(full_shape, spacing_zyx, solve_spacing_mm)
+    # spacing of the coarse grid (corner-aligned) and the scale from coarse to full voxel units
+    coarse_spacing = tuple(
+        s * (n - 1) / max(m - 1, 1) for s, n, m in zip(spacing_zyx, full_shape, shape)
+    )
+    anti_alias = tuple(max(0.0, 0.5 * (cs / s - 1.0)) for cs, s in zip(coarse_spacing, spacing_zyx))
+    coarse_maps = _downsample_maps(maps, shape, anti_alias)
+    sigma = tuple(smoothing_mm / cs for cs in coarse_spacing)
+
+    coefficients = -goal_vec.clone()  # log det target per region
+    gain = torch.ones_like(goal_vec)  # d(achieved) / d(-coefficient) per region
+    first_round_gain = True
+    history: list[dict[str, float]] = []
+    coarse_goal = goal_vec.clone()
+    total_iterations = 0
+    for _round in range(full_rounds):
+        for _ in range(iterations):
+            total_iterations += 1
+            velocity_coarse = _velocity_from_coefficients(coefficients, coarse_maps, sigma)
+            achieved = measure_log_changes(coarse_maps, fields.exp(velocity_coarse))
+            history.append({n: float(a) for n, a in zip(region_names, achieved)})
+            error = coarse_goal - achieved
+            if bool((error.abs() / goal_vec.abs().clamp_min(0.01) <= tolerance).all()):
+                break
+            # diagonal quasi-Newton update: smoothing and the thin cortical ribbon make a region's
+            # response to its own coefficient well below 1, so a plain fixed point is slow.  The
+            # response (gain) is measured once, on the first iteration, and then kept: re-estimating
+            # it by secants oscillates because neighbouring regions are coupled.
+            # Coupling also makes full steps overshoot (period-2 oscillation), hence the damping.
+            if first_round_gain:
+                gain = (achieved / (-coefficients)).nan_to_num(1.0).clamp(0.3, 1.0)
+                first_round_gain = False
+            coefficients = coefficients - RELAXATION * error / gain
+        velocity = fields.resize_field(velocity_coarse, full_shape) if shape != full_shape else velocity_coarse
+        displacement = fields.exp(velocity)
+        achieved_full = measure_log_changes(maps, displacement)
+        error_full = goal_vec - achieved_full
+        if shape == full_shape or bool((error_full.abs() / goal_vec.abs().clamp_min(0.01) <= tolerance).all()):
+            break
+        # the coarse maps are blurred versions of the fine ones and respond differently: aim the
+        # coarse iterations at a goal shifted by the fine-grid error (a defect correction)
+        coarse_goal = coarse_goal + error_full
+    min_jac = float(fields.jacobian_determinant(displacement).min())
+    if not math.isfinite(min_jac) or min_jac <= 0:
+        raise ProcessingError(f"atrophy solver: the ageing deformation folds (min Jacobian {min_jac:.3f}); "
+                              "use a shorter age interval or more smoothing")
+    return AtrophySolution(
+        velocity=velocity,
+        goals={n: float(g) for n, g in zip(region_names, goal_vec)},
+        achieved={n: float(a) for n, a in zip(region_names, achieved_full)},
+        min_jacobian=min_jac,
+        iterations=total_iterations,
+        history=history,
+    )
+
+
+def _velocity_from_coefficients(coefficients: torch.Tensor, maps: torch.Tensor, sigma) -> torch.Tensor:
+    """``grad(psi)`` with ``Laplace(psi) = G_sigma * sum_R c_R maps_R`` (Neumann)."""
+    source = torch.einsum("r,r...->...", coefficients.float(), maps).double().numpy()
+    source = scipy.ndimage.gaussian_filter(source, sigma, mode="nearest")
+    return gradient_field(poisson_neumann(source))

@@ -1,0 +1,135 @@
+"""Ground-truth ageing phantom: determinism, outputs, and follow-ups that change as prescribed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from inbrainsyn.cli import main as cli_main
+from inbrainsyn.errors import InputError
+from inbrainsyn.phantom import COHORT_COLUMNS, PhantomConfig, make_phantom, read_cohort
+from inbrainsyn.templates.bank import load_bank
+
+SPACING = 3.0  # mm: keeps each subject to a few seconds
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return load_bank()
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory, bank):
+    out = tmp_path_factory.mktemp("ph") / "cohort"
+    make_phantom(out, PhantomConfig(subjects=3, seed=7, spacing=SPACING, followup_years=(3.0, 6.0)), bank=bank, log=lambda *_: None)
+    return out
+
+
+def _array(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_phantom_writes_cohort_csv_images_labels_and_masks(phantom):
+    with open(phantom / "cohort.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == COHORT_COLUMNS
+        rows = list(reader)
+    assert len(rows) == 3 * 3
+    assert {r["group"] for r in rows} == {"HC", "AD", "HC->AD"}
+    for row in read_cohort(phantom):
+        image = sitk.ReadImage(row["path"])
+        assert image.GetSpacing() == pytest.approx((SPACING,) * 3)
+        labels = _array(row["labels_path"])
+        mask = _array(row["mask_path"])
+        assert set(np.unique(mask)) <= {0, 1}
+        assert np.array_equal(mask > 0, labels > 0)
+        assert set(np.unique(labels)) <= set(range(8))
+        if row["group"] == "HC->AD":
+            assert row["transition_age"] is not None
+        else:
+            assert row["transition_age"] is None
+    ages = {}
+    for row in read_cohort(phantom):
+        ages.setdefault(row["subject"], []).append(row["age"])
+    for subject_ages in ages.values():
+        assert np.allclose(np.diff(subject_ages), 3.0, atol=0.11)
+
+
+def test_converter_transition_lies_between_baseline_and_last_followup(phantom):
+    rows = [r for r in read_cohort(phantom) if r["group"] == "HC->AD"]
+    assert rows[0]["age"] < rows[0]["transition_age"] < rows[-1]["age"]
+
+
+def test_followups_differ_from_baseline_as_prescribed(phantom, bank):
+    """Label volumes of the written follow-ups match the atrophy model solved on the subject (10 %)."""
+    info = json.loads((phantom / "phantom.json").read_text())
+    names = {int(k): v for k, v in info["label_names"].items()}
+    for subject in info["subjects"]:
+        folder = phantom / subject["subject"]
+        base = np.bincount(_array(folder / f"{subject['subject']}_scan-0_labels.nii.gz").ravel(), minlength=8)
+        last = subject["scans"][-1]
+        follow = np.bincount(_array(folder / f"{subject['subject']}_scan-{last['scan']}_labels.nii.gz").ravel(), minlength=8)
+        goals = last["log_volume_change_goal"]
+        for value, name in names.items():
+            if name not in ("hippocampus", "lateral_ventricles", "cerebral_wm", "cortical_gm"):
+                continue
+            measured = math.log(follow[value] / base[value])
+            # hard labels at 3 mm: allow 10 % of the change plus one voxel layer's worth of noise
+            tolerance = 0.10 * abs(goals[name]) + 3.0 / math.sqrt(base[value])
+            assert abs(measured - goals[name]) <= tolerance, (subject["subject"], name, measured, goals[name])
+        # achieved changes reported by the solver (partial-volume measurement) are within 10 %
+        for name, goal in last["log_volume_change_goal"].items():
+            if abs(goal) > 0.01:
+                assert abs(last["log_volume_change_achieved"][name] - goal) <= 0.10 * abs(goal), (name, goal)
+        assert last["min_jacobian"] > 0
+        # the follow-up images differ from the baseline and shrink the hippocampus
+        img0 = _array(folder / f"{subject['subject']}_scan-0_clean.nii.gz").astype(float)
+        img1 = _array(folder / f"{subject['subject']}_scan-{last['scan']}_clean.nii.gz").astype(float)
+        assert np.abs(img1 - img0).mean() > 1.0
+        assert goals["hippocampus"] < 0 and goals["lateral_ventricles"] > 0
+
+
+def test_ad_subjects_change_more_than_hc_subjects(phantom):
+    info = json.loads((phantom / "phantom.json").read_text())
+    by_group = {s["group"]: s for s in info["subjects"]}
+    hc = by_group["HC"]["scans"][-1]["log_volume_change_goal"]
+    ad = by_group["AD"]["scans"][-1]["log_volume_change_goal"]
+    # rates differ by lognormal multipliers (sigma 0.2) but AD rates are 2-4x the HC ones
+    assert ad["hippocampus"] < hc["hippocampus"]
+    assert ad["lateral_ventricles"] > hc["lateral_ventricles"]
+
+
+def test_phantom_is_deterministic_for_a_seed(tmp_path, bank, phantom):
+    config = PhantomConfig(subjects=1, seed=7, spacing=SPACING, followup_years=(3.0, 6.0))
+    again = make_phantom(tmp_path / "again", config, bank=bank, log=lambda *_: None)
+    for name in ("sub-000_scan-0_T1w.nii.gz", "sub-000_scan-2_T1w.nii.gz", "sub-000_scan-2_labels.nii.gz"):
+        assert np.array_equal(_array(again / "sub-000" / name), _array(phantom / "sub-000" / name)), name
+    other = make_phantom(tmp_path / "other", PhantomConfig(subjects=1, seed=8, spacing=SPACING, followup_years=(3.0,)),
+                         bank=bank, log=lambda *_: None)
+    assert not np.array_equal(_array(other / "sub-000" / "sub-000_scan-0_T1w.nii.gz"),
+                              _array(phantom / "sub-000" / "sub-000_scan-0_T1w.nii.gz"))
+
+
+def test_subjects_differ_anatomically_by_several_mm(phantom):
+    """The inter-subject deformation is visible: the brain masks of two subjects disagree."""
+    a = _array(phantom / "sub-000" / "sub-000_scan-0_mask.nii.gz") > 0
+    b = _array(phantom / "sub-001" / "sub-001_scan-0_mask.nii.gz") > 0
+    dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+    assert 0.80 < dice < 0.99
+
+
+def test_bad_phantom_arguments_are_refused(tmp_path, bank):
+    with pytest.raises(InputError, match="--subjects"):
+        make_phantom(tmp_path / "x", PhantomConfig(subjects=0), bank=bank)
+    with pytest.raises(InputError, match="do not fit"):
+        make_phantom(tmp_path / "y", PhantomConfig(subjects=1, followup_years=(30.0,), spacing=SPACING), bank=bank)
+
+
+def test_cli_refuses_existing_output(tmp_path):
+    (tmp_path / "exists").mkdir()
+    assert cli_main(["phantom", "-o", str(tmp_path / "exists"), "--subjects", "1"]) == 3

@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Rebuild the default template bank (same as ``inbrainsyn bank build``).
+
+    python tools/build_default_bank.py [--out Resources/bank/default] [--spacing 1.5]
+
+Needs nilearn (MNI152 2009a maps) and the AAL atlas of Debian's mricron-data unpacked at
+/tmp/mricron (``apt-get download mricron-data && dpkg-deb -x mricron-data_*.deb /tmp/mricron``).
+See docs/templates.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from inbrainsyn.cli import main
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    out = "Resources/bank/default"
+    if "--out" in args:
+        i = args.index("--out")
+        out = args[i + 1]
+        del args[i:i + 2]
+    sys.exit(main(["bank", "build", "-o", out, "--overwrite", *args]))
