@@ -259,11 +259,11 @@ def validate_bank(root: Path, data: dict) -> dict:
         raise InputError(_problem_text(where, problems))
     for tag, path in [("labels", labels)] + [(f"{c} age {e.age:g} labels", e.labels)
                                               for c, es in entries.items() for e in es if e.labels]:
-        values = set(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))).astype(int).tolist()) - {0}
+        values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).astype(int).tolist()) - {0}
         unknown = sorted(values - set(label_names))
         if unknown:
             problems.append(f"{tag} ({path.name}): label values {unknown[:10]} have no name in label_names")
-    mask_values = np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(mask))))
+    mask_values = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(mask))))
     if not set(mask_values.tolist()) <= {0, 1} or 1 not in mask_values:
         problems.append(f"mask ({mask.name}): must be binary 0/1 with a non-empty brain (values {mask_values[:6].tolist()})")
     if problems:
