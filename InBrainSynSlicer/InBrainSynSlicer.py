@@ -83,6 +83,7 @@ class InBrainSynSlicerParameterNode:
     conversionAge: Annotated[float, WithinRange(0.0, 120.0)] = 78.0
     transportMethod: Annotated[str, Choice(list(engine.TRANSPORT_METHODS))] = "pole"
     device: Annotated[str, Choice(list(engine.DEVICES))] = "auto"
+    skullStripped: bool = False
     templateBank: pathlib.Path
     outputFolder: pathlib.Path
     replaceResults: bool = True
@@ -367,6 +368,7 @@ class InBrainSynSlicerLogic(ScriptedLoadableModuleLogic):
             method=p.transportMethod,
             device=p.device,
             bank=_pathOrNone(p.templateBank) or None,
+            skull_stripped=bool(p.skullStripped),
         )
 
     def startSynthesis(self, p):
@@ -398,7 +400,8 @@ class InBrainSynSlicerLogic(ScriptedLoadableModuleLogic):
         inputPath = input_volume.export_input_volume(p.inputVolume, runFolder / "input.nii.gz")
         argv = engine.preview_argv(command, str(inputPath), p.age, p.cohort, engine.parse_target_ages(p.targetAges),
                                    sliceIndex, str(runFolder / "output"))
-        return engine.EngineProcess(argv).start(), runFolder
+        process = engine.EngineProcess(argv, expected_manifest=str(runFolder / "output" / "manifest.json"))
+        return process.start(), runFolder
 
     # -- results
 

@@ -54,6 +54,7 @@ class SynthesisRequest:
     method: str = "pole"
     device: str = "auto"
     bank: str | None = None
+    skull_stripped: bool = False
 
 
 @dataclass
@@ -153,22 +154,33 @@ def _age_text(age: float) -> str:
 
 
 def synthesize_argv(engine: list[str], request: SynthesisRequest) -> list[str]:
-    """``inbrainsyn synthesize INPUT --age A --cohort C --targets T.. -o DIR --json [...]``."""
+    """``inbrainsyn synthesize INPUT --age A --cohort C --targets T.. -o DIR --json [...]``.
+
+    ``-o`` must not exist yet (the engine refuses to overwrite without --overwrite).
+    """
     argv = [*engine, "synthesize", request.input_path, "--age", _age_text(request.age), "--cohort", request.cohort,
             "--targets", *[_age_text(t) for t in request.targets], "-o", request.output_dir,
-            "--method", request.method, "--device", request.device, "--json"]
+            "--transport", request.method, "--device", request.device, "--json"]
     if request.transition_age is not None:
         argv += ["--transition-age", _age_text(request.transition_age)]
     if request.bank:
         argv += ["--bank", request.bank]
+    if request.skull_stripped:
+        argv += ["--skull-stripped"]
     return argv
 
 
 def preview_argv(engine: list[str], input_path: str, age: float, cohort: str, targets, slice_index: int,
                  output_dir: str) -> list[str]:
-    """``inbrainsyn daninet preview INPUT --age A --cohort HC|AD --targets T.. --slice K -o DIR --json``."""
+    """``inbrainsyn daninet preview INPUT --age A --cohort HC|AD --targets T.. --native-slice K -o DIR``.
+
+    K is the axial slice of the *input's own grid* under the Red view (the user's "current
+    slice"); ``--slice`` of the engine counts slices of the template grid, which the GUI cannot
+    know before the engine's affine alignment. The run's ``DIR/manifest.json`` tells the result
+    (the preview prints no JSON events).
+    """
     return [*engine, "daninet", "preview", input_path, "--age", _age_text(age), "--cohort", cohort,
-            "--targets", *[_age_text(t) for t in targets], "--slice", str(int(slice_index)), "-o", output_dir, "--json"]
+            "--targets", *[_age_text(t) for t in targets], "--native-slice", str(int(slice_index)), "-o", output_dir]
 
 
 def parse_event_line(line: str) -> dict | None:
@@ -191,9 +203,11 @@ def explain_failure(exit_code: int | None, error_message: str, stderr_tail: list
     if error_message:
         return error_message
     joined = "\n".join(stderr_tail)
-    if "invalid choice" in joined:
-        return ("This version of the InBrainSyn engine lacks the requested command; update the engine "
-                "('Install dependencies' reinstalls it from the extension). Details:\n" + joined)
+    if exit_code == 2 and "usage: inbrainsyn" in joined:
+        # argparse's answer: the engine does not know the command line the module sent.
+        return ("This version of the InBrainSyn engine does not accept the module's command (module and engine "
+                "versions differ); update the engine ('Install dependencies' reinstalls it from the extension). "
+                "Details:\n" + joined)
     if joined:
         return f"The engine stopped with exit code {exit_code}:\n{joined}"
     return f"The engine stopped with exit code {exit_code} and no message."
@@ -209,8 +223,12 @@ class EngineProcess:
     process group (the engine and anything it started); ``outcome()`` tells how it ended.
     """
 
-    def __init__(self, argv: list[str], env: dict | None = None, cwd: str | None = None, stderr_lines: int = 40):
+    def __init__(self, argv: list[str], env: dict | None = None, cwd: str | None = None, stderr_lines: int = 40,
+                 expected_manifest: str | None = None):
+        """``expected_manifest``: for commands that print no JSON events (``daninet preview``), a
+        clean exit leaving this file counts as success."""
         self.argv = list(argv)
+        self.expected_manifest = expected_manifest
         self.env = env
         self.cwd = cwd
         self._events: queue.Queue = queue.Queue()
@@ -324,6 +342,8 @@ class EngineProcess:
             return EngineOutcome("cancelled", code, message="Cancelled; nothing was added to the scene.", stderr_tail=tail)
         if code == 0 and self._last_result:
             return EngineOutcome("succeeded", code, manifest=self._last_result, stderr_tail=tail)
+        if code == 0 and self.expected_manifest and Path(self.expected_manifest).is_file():
+            return EngineOutcome("succeeded", code, manifest=str(self.expected_manifest), stderr_tail=tail)
         if code == 0:
             message = "The engine finished without announcing its results (no 'result' event)."
             return EngineOutcome("failed", code, message=message, stderr_tail=tail)

@@ -1,7 +1,7 @@
 """Write a small engine output folder in the documented format (docs/CONTRACTS.md), with SimpleITK.
 
 Used by the Slicer-side tests until / besides the real ``inbrainsyn synthesize``, and by the fake
-engine script. The phantom is an ellipsoidal "brain" (intensity 0.7) with a central "ventricle"
+engine script. The phantom is an ellipsoidal "brain" (grey shell 0.45, white core 0.7) with a central "ventricle"
 (0.1) whose radius grows with age, on a 32 x 28 x 24 grid with non-trivial spacing, origin and an
 oblique direction, so that geometry mistakes (LPS/RAS, axis order) show.
 """
@@ -29,31 +29,37 @@ def oblique_direction() -> tuple:
     return rotation.GetMatrix()
 
 
-def reference_image() -> sitk.Image:
-    image = sitk.Image(SIZE_XYZ, sitk.sitkFloat32)
-    image.SetSpacing(SPACING)
+def reference_image(size_xyz=SIZE_XYZ, spacing=SPACING) -> sitk.Image:
+    image = sitk.Image(size_xyz, sitk.sitkFloat32)
+    image.SetSpacing(spacing)
     image.SetOrigin(ORIGIN)
     image.SetDirection(oblique_direction())
     return image
 
 
-def phantom_array(ventricle_radius: float) -> np.ndarray:
-    """(Z, Y, X) float32 phantom: ellipsoid brain with a spherical ventricle of the given radius (voxels)."""
-    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in SIZE_XYZ[::-1]), indexing="ij")
-    cz, cy, cx = (np.array(SIZE_XYZ[::-1], dtype=np.float32) - 1) / 2
-    brain = ((x - cx) / 13) ** 2 + ((y - cy) / 11) ** 2 + ((z - cz) / 9) ** 2 <= 1
-    ventricle = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= ventricle_radius**2
-    array = np.zeros(SIZE_XYZ[::-1], np.float32)
-    array[brain] = 0.7
+def phantom_array(ventricle_radius: float, size_xyz=SIZE_XYZ) -> np.ndarray:
+    """(Z, Y, X) float32 phantom: ellipsoid brain with a spherical ventricle of the given radius.
+
+    Radii are in voxels of the default 32 x 28 x 24 grid and scale with ``size_xyz``.
+    """
+    scale = size_xyz[0] / SIZE_XYZ[0]
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in size_xyz[::-1]), indexing="ij")
+    cz, cy, cx = (np.array(size_xyz[::-1], dtype=np.float32) - 1) / 2
+    radius2 = ((x - cx) / (13 * scale)) ** 2 + ((y - cy) / (11 * scale)) ** 2 + ((z - cz) / (9 * scale)) ** 2
+    brain = radius2 <= 1
+    ventricle = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= (ventricle_radius * scale) ** 2
+    array = np.zeros(size_xyz[::-1], np.float32)
+    array[brain] = 0.45  # "grey matter" shell
+    array[radius2 <= 0.6] = 0.7  # "white matter" core
     array[ventricle] = 0.1
     # A marker near voxel (x=3, y=4, z=5) breaks every symmetry, to catch flipped axes.
     array[5, 4, 3] = 1.0
     return array
 
 
-def _write(array: np.ndarray, path: Path) -> None:
+def _write(array: np.ndarray, path: Path, size_xyz=SIZE_XYZ, spacing=SPACING) -> None:
     image = sitk.GetImageFromArray(array)
-    image.CopyInformation(reference_image())
+    image.CopyInformation(reference_image(size_xyz, spacing))
     sitk.WriteImage(image, str(path))
 
 
@@ -62,17 +68,18 @@ def ventricle_radius(age: float, baseline_age: float) -> float:
 
 
 def write_engine_output(outdir, age=70.0, cohort="HC", targets=(75.0, 80.0), transition_age=None,
-                        write_volumes=True, input_image="/data/subject_T1.nii.gz") -> Path:
+                        write_volumes=True, input_image="/data/subject_T1.nii.gz", size_xyz=SIZE_XYZ,
+                        spacing=SPACING) -> Path:
     """Write baseline, synthetic, Jacobian and difference images, volumes.csv and manifest.json.
 
     Returns the manifest path. With ``transition_age``, targets at or after it are labelled AD.
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    voxel_ml = float(np.prod(SPACING)) / 1000.0
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     outputs = [{"kind": "baseline", "age": age, "cohort": cohort, "path": "baseline.nii.gz"}]
-    baseline = phantom_array(ventricle_radius(age, age))
-    _write(baseline, outdir / "baseline.nii.gz")
+    baseline = phantom_array(ventricle_radius(age, age), size_xyz)
+    _write(baseline, outdir / "baseline.nii.gz", size_xyz, spacing)
     rows = []
 
     def add_rows(a, c, arr):
@@ -87,13 +94,13 @@ def write_engine_output(outdir, age=70.0, cohort="HC", targets=(75.0, 80.0), tra
     for target in targets:
         target_cohort = "AD" if transition_age is not None and target >= transition_age else cohort
         tag = f"age{target:05.1f}"
-        synthetic = phantom_array(ventricle_radius(target, age))
-        _write(synthetic, outdir / f"synthetic_{tag}.nii.gz")
+        synthetic = phantom_array(ventricle_radius(target, age), size_xyz)
+        _write(synthetic, outdir / f"synthetic_{tag}.nii.gz", size_xyz, spacing)
         # Jacobian: > 1 where the ventricle grew, slightly < 1 in the brain elsewhere.
         jacobian = np.where(synthetic > 0.05, 0.97, 1.0).astype(np.float32)
         jacobian[np.isclose(synthetic, 0.1)] = 1.15
-        _write(jacobian, outdir / f"jacobian_{tag}.nii.gz")
-        _write(synthetic - baseline, outdir / f"difference_{tag}.nii.gz")
+        _write(jacobian, outdir / f"jacobian_{tag}.nii.gz", size_xyz, spacing)
+        _write(synthetic - baseline, outdir / f"difference_{tag}.nii.gz", size_xyz, spacing)
         outputs += [
             {"kind": "synthetic", "age": target, "cohort": target_cohort, "path": f"synthetic_{tag}.nii.gz"},
             {"kind": "jacobian", "age": target, "cohort": target_cohort, "path": f"jacobian_{tag}.nii.gz"},

@@ -61,20 +61,20 @@ def test_valid_ages_have_no_problem():
 
 def test_synthesize_command_line_carries_every_choice(tmp_path):
     argv = engine.synthesize_argv(["inbrainsyn"], request(tmp_path, transition_age=77.5, method="schild",
-                                                          device="cpu", bank="/banks/b"))
+                                                          device="cpu", bank="/banks/b", skull_stripped=True))
     assert argv[:3] == ["inbrainsyn", "synthesize", str(tmp_path / "in.nii.gz")]
     joined = " ".join(argv)
-    for fragment in ("--age 70", "--cohort HC", "--targets 75 80", f"-o {tmp_path / 'out'}", "--method schild",
-                     "--device cpu", "--json", "--transition-age 77.5", "--bank /banks/b"):
+    for fragment in ("--age 70", "--cohort HC", "--targets 75 80", f"-o {tmp_path / 'out'}", "--transport schild",
+                     "--device cpu", "--json", "--transition-age 77.5", "--bank /banks/b", "--skull-stripped"):
         assert fragment in joined
     plain = engine.synthesize_argv(["inbrainsyn"], request(tmp_path))
-    assert "--transition-age" not in plain and "--bank" not in plain
+    assert "--transition-age" not in plain and "--bank" not in plain and "--skull-stripped" not in plain
 
 
 def test_preview_command_line():
     argv = engine.preview_argv(["x"], "/in.nii.gz", 70, "AD", [75, 80], 64, "/out")
     assert argv == ["x", "daninet", "preview", "/in.nii.gz", "--age", "70", "--cohort", "AD", "--targets", "75", "80",
-                    "--slice", "64", "-o", "/out", "--json"]
+                    "--native-slice", "64", "-o", "/out"]
 
 
 def test_event_lines_json_plain_and_blank():
@@ -152,7 +152,7 @@ def test_find_engine_prefers_environment_then_python(tmp_path):
 
 def test_unknown_subcommand_is_explained_as_an_old_engine():
     message = engine.explain_failure(2, "", ["usage: inbrainsyn", "inbrainsyn: error: argument COMMAND: invalid choice: 'daninet'"])
-    assert "lacks the requested command" in message
+    assert "does not accept the module's command" in message
 
 
 def test_preview_against_an_engine_without_daninet_fails_cleanly(tmp_path):
@@ -160,10 +160,21 @@ def test_preview_against_an_engine_without_daninet_fails_cleanly(tmp_path):
     argv = engine.preview_argv([sys.executable, "-m", "inbrainsyn"], str(tmp_path / "in.nii.gz"), 70, "HC", [75], 60,
                                str(tmp_path / "prev"))
     outcome = engine.run_engine(argv)
-    # The input does not exist, so this fails either way: as an old engine ("lacks the requested
-    # command") or, once 'daninet preview' exists, with the engine's own message naming the input.
+    # The input does not exist, so this fails either way: as an engine that does not know the
+    # command line, or, once it does, with the engine's own message naming the input.
     assert outcome.status == "failed"
-    assert "lacks the requested command" in outcome.message or "in.nii.gz" in outcome.message, outcome.message
+    assert "does not accept the module's command" in outcome.message or "in.nii.gz" in outcome.message, outcome.message
+
+
+def test_a_command_without_events_succeeds_by_its_manifest(tmp_path):
+    """``daninet preview`` prints no JSON: a clean exit that leaves the manifest is success."""
+    manifest = tmp_path / "out" / "manifest.json"
+    script = f"import pathlib; p = pathlib.Path({str(manifest)!r}); p.parent.mkdir(); p.write_text('{{}}'); print('done')"
+    process = engine.EngineProcess([sys.executable, "-c", script], expected_manifest=str(manifest)).start()
+    outcome = process.wait(timeout=30)
+    assert outcome.succeeded and outcome.manifest == str(manifest)
+    silent = engine.EngineProcess([sys.executable, "-c", "pass"], expected_manifest=str(tmp_path / "none.json")).start()
+    assert silent.wait(timeout=30).status == "failed"
 
 
 def test_output_folder_is_new_each_time(tmp_path):
