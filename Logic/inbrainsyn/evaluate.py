@@ -122,7 +122,7 @@ def read_cohort(folder: Path) -> dict[str, list[Scan]]:
 def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS, reporter=None) -> list[dict]:
     """Predict every follow-up of one subject with every method; one row per (follow-up, method)."""
     from inbrainsyn.registration import register_svf
-    from inbrainsyn.synthesis import NativeMapper, SynthesisRequest, TargetResult, register_subject, resample_native
+    from inbrainsyn.synthesis import NativeMapper, SynthesisRequest, cohort_ageing_svf, register_subject, resample_native
     from inbrainsyn.transport import transport
 
     baseline, follow_ups = scans[0], scans[1:]
@@ -135,14 +135,14 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
     )
     registered = register_subject(subject, request, bank, device, reporter or _NullReporter())
     mapper = NativeMapper(fields.Grid.from_sitk(subject), bank.grid, registered.affine_matrix, registered.affine_offset, device)
-    labels_t = fields.image_to_tensor(bank.labels)
+    labels_t = bank.labels_tensor(cohort, baseline.age).float()
     low, high = (float(x) for x in (sitk.GetArrayViewFromImage(subject).min(), sitk.GetArrayViewFromImage(subject).max()))
     baseline_labels = sitk.ReadImage(str(baseline.labels))
     rows = []
     for scan in follow_ups:
         truth = io.read_image(scan.image)
         true_labels, mask = sitk.ReadImage(str(scan.labels)), sitk.ReadImage(str(scan.mask))
-        u = bank.ageing_svf(cohort, baseline.age, scan.age, transition_age=transition).to(device)
+        u = cohort_ageing_svf(bank, cohort, baseline.age, scan.age, transition).to(device)
         v = registered.velocity.to(device)
         for method in methods:
             started = time.perf_counter()

@@ -304,6 +304,13 @@ def register_subject(
     )
 
 
+def cohort_ageing_svf(bank, cohort: str, age: float, target: float, transition_age: float | None) -> torch.Tensor:
+    """Template ageing ``u`` from ``age`` to ``target``: the cohort's, or HC then AD after a conversion."""
+    if transition_age is not None and target > transition_age:
+        return bank.ageing_svf("AD", age, target, transition_age=transition_age)
+    return bank.ageing_svf(cohort, age, target)
+
+
 def transported_ageing(subject: SubjectInTemplateSpace, request: SynthesisRequest, bank, device) -> list[TargetResult]:
     """For each target age: the cohort ageing ``u`` transported along ``v`` and its exponential."""
     from inbrainsyn.transport import transport
@@ -311,7 +318,7 @@ def transported_ageing(subject: SubjectInTemplateSpace, request: SynthesisReques
     v = subject.velocity.to(device)
     results = []
     for target in request.targets:
-        u = bank.ageing_svf(request.cohort, request.age, target, transition_age=request.transition_age).to(device)
+        u = cohort_ageing_svf(bank, request.cohort, request.age, target, request.transition_age).to(device)
         w = transport(u, along=v, method=request.transport)
         results.append(TargetResult(age=float(target), velocity=w.cpu(), displacement=fields.exp(w).cpu()))
     return results
@@ -370,7 +377,7 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
 
     native_grid = fields.Grid.from_sitk(subject)
     mapper = NativeMapper(native_grid, bank.grid, registered.affine_matrix, registered.affine_offset, device)
-    labels_t = fields.image_to_tensor(bank.labels)
+    labels_t = bank.labels_tensor(request.cohort, request.age).float()  # template labels at the baseline age
     mask_t = fields.image_to_tensor(bank.mask)
     label_names = bank.label_names
     cohort_of = lambda age: (  # noqa: E731 - the cohort shown for an age: AD after a conversion
