@@ -1,0 +1,449 @@
+"""Pairwise deformable registration by instance optimisation of a stationary velocity field.
+
+No trained network: for each image pair the SVF ``v`` is optimised so that the moving image,
+pulled back by ``exp(v)``, matches the fixed image (``moving o exp(v) ~ fixed``, the contract of
+:mod:`inbrainsyn.fields`).
+
+Algorithm (log-domain diffeomorphic demons with an LNCC or MSE force, Vercauteren et al. 2008;
+force and step rule as in ANTs SyN, Avants et al. 2008)
+-----------------------------------------------------------------------------------------
+At each pyramid level (image shrunk by ``f``; the SVF lives on a *control grid* ``s`` times coarser
+than that level's image), repeat:
+
+1. ``d = exp(v)`` by scaling and squaring on the control grid, upsampled trilinearly to the level.
+2. ``W = moving o (id + d)``; similarity map and its pointwise derivative ``dS/dW`` (ANTs' local
+   approximation for LNCC, ``2 (I - W)`` for MSE).
+3. Force ``f(x) = mask(x) dS/dW(x) grad W(x)``: the steepest-ascent direction of ``S`` for an update
+   composed on the right, ``W o (id + u) ~ W + grad W . u``.
+4. Update ``u = G_fluid * downsample(f)``, rescaled so that its largest vector is ``step`` control
+   voxels (the step decays linearly to ``final_step_fraction * step`` within a level).
+5. ``v <- G_diffusion * (v + u)``: first-order BCH for ``log(exp(v) o exp(u))`` (``bch_order=2``
+   adds ``1/2 [v, u]``), then Gaussian smoothing of ``v`` (the diffusion-like regulariser).
+
+Because the transform is ``exp`` of a smooth field it is a diffeomorphism by construction (up to
+discretisation, measured by ``folding_fraction``).  All resampling is separable (see
+:mod:`inbrainsyn.registration.pyramid`); the work is restricted to the mask's (or the foreground's)
+bounding box plus a margin, and the result is extended to the whole fixed grid by border
+replication of the velocity.
+
+Output displacement: ``exp(v)`` evaluated on the control grid of the finest level and upsampled
+trilinearly, i.e. ``exp`` is taken of the velocity at the resolution it was optimised at (a full
+1 mm scaling and squaring would cost more than the whole registration on a CPU).  It differs from
+``fields.exp(velocity)`` at full resolution by a small fraction of a voxel
+(``Testing/test_registration.py`` bounds it).
+
+Determinism: the algorithm has no random component; on CPU results are bit-identical between runs
+with the same thread count.  On CUDA ``grid_sample``'s forward pass and matmul are deterministic
+for a fixed GPU and library version (no atomics are used: no backward pass is taken).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from inbrainsyn import fields
+from inbrainsyn.registration import pyramid
+from inbrainsyn.registration.similarity import (
+    SIMILARITIES,
+    lncc_with_derivative,
+    mse_with_derivative,
+    weighted_mean,
+)
+
+
+@dataclass
+class SVFRegistrationConfig:
+    """Parameters of :func:`register_svf` (defaults tuned on the MNI152 brain, 1-2 mm).
+
+    Lengths are in voxels of the grid named; ``levels``, ``iterations`` and ``control_factors``
+    are matched tuples from the coarsest to the finest level.
+    """
+
+    similarity: str = "lncc"  # "lncc" (same modality, robust to intensity changes) or "mse"
+    window: int = 5  # LNCC window (voxels of each level)
+    levels: tuple[int, ...] = (4, 2, 1)  # image shrink factor of each level
+    iterations: tuple[int, ...] = (80, 40, 4)  # iterations per level
+    control_factors: tuple[int, ...] = (1, 2, 2)  # control grid = level grid shrunk by this
+    step: float = 0.5  # largest update per iteration, control voxels
+    final_step_fraction: float = 0.3  # step decays linearly to step * this within a level
+    fluid_sigma: float = 1.0  # Gaussian smoothing of each update, control voxels
+    diffusion_sigma: float = 1.0  # Gaussian smoothing of v after each update, control voxels
+    bch_order: int = 1  # 1: v + u; 2: v + u + 1/2 [v, u]
+    crop_margin_mm: float = 12.0  # margin around the mask / foreground bounding box
+    min_level_spacing_mm: float = 0.0  # skip levels finer than this (e.g. 2.0: stop at 2 mm, faster)
+    num_threads: int | None = None  # torch CPU threads (None: leave torch's setting)
+
+    def validate(self) -> None:
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if not (len(self.levels) == len(self.iterations) == len(self.control_factors)) or not self.levels:
+            raise ValueError("levels, iterations and control_factors must be non-empty tuples of equal length")
+        if any(int(f) < 1 for f in (*self.levels, *self.control_factors)) or any(int(n) < 0 for n in self.iterations):
+            raise ValueError("levels and control_factors must be >= 1 and iterations >= 0")
+        if self.window < 1 or self.window % 2 == 0:
+            raise ValueError(f"window must be an odd number of voxels, got {self.window}")
+        if self.bch_order not in (1, 2):
+            raise ValueError("bch_order must be 1 or 2")
+
+
+@dataclass
+class SVFRegistrationResult:
+    """Outcome of :func:`register_svf`; fields on the fixed grid, voxel units, ``(3, Z, Y, X)``."""
+
+    velocity: torch.Tensor
+    displacement: torch.Tensor
+    warped: torch.Tensor  # moving o (id + displacement), (Z, Y, X), moving's intensities
+    similarity: float  # final similarity in the mask: mean squared LNCC (higher better) or MSE
+    initial_similarity: float  # the same before registration
+    similarity_name: str
+    folding_fraction: float  # fraction of voxels (in the registered box) with det(D phi) <= 0
+    min_jacobian: float
+    seconds: float
+    device: str
+    history: list = field(default_factory=list)  # one dict per iteration: level, iteration, similarity
+    config: dict = field(default_factory=dict)
+    box: dict = field(default_factory=dict)  # the registered region: start (z, y, x), size
+    timings_s: dict = field(default_factory=dict)  # wall seconds per phase
+
+
+# --------------------------------------------------------------------------------------------
+# Preparation: intensity normalisation and the registered box
+# --------------------------------------------------------------------------------------------
+
+
+def _robust_range(image: torch.Tensor) -> tuple[float, float]:
+    """(minimum, 99.5th percentile of the voxels above the minimum), from a subsample."""
+    low = float(image.min())
+    sample = image.reshape(-1)[:: max(1, image.numel() // 2_000_000)]
+    above = sample[sample > low]
+    high = float(torch.quantile(above.float(), 0.995)) if above.numel() else float(image.max())
+    return low, max(high, low + 1e-6)
+
+
+def normalise_intensity(image: torch.Tensor) -> torch.Tensor:
+    """Map the minimum to 0 and the 99.5th percentile of the foreground to 1 (float32)."""
+    low, high = _robust_range(image)
+    return (image.float() - low) / (high - low)
+
+
+def _bounding_box(region: torch.Tensor) -> list[tuple[int, int]]:
+    """Inclusive index range of the non-zero voxels along each of the 3 dims."""
+    ranges = []
+    for dim in range(3):
+        other = tuple(d for d in range(3) if d != dim)
+        present = torch.nonzero(region.amax(dim=other) > 0)
+        ranges.append((int(present.min()), int(present.max())))
+    return ranges
+
+
+def registration_box(region: torch.Tensor, spacing_zyx, margin_mm: float, multiple: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Box ``(start, size)`` around the non-zero voxels of ``region`` plus ``margin_mm``.
+
+    ``size - 1`` is rounded up to a multiple of ``multiple`` so that all pyramid and control grids
+    nest exactly; the box may extend beyond the image (border replication fills it).
+    """
+    start, size = [], []
+    for (lo, hi), s, n in zip(_bounding_box(region), spacing_zyx, region.shape):
+        margin = int(math.ceil(margin_mm / s))
+        lo, hi = max(lo - margin, 0), min(hi + margin, n - 1)
+        length = hi - lo
+        padded = int(math.ceil(length / multiple)) * multiple
+        extra = padded - length
+        lo -= extra // 2
+        start.append(lo)
+        size.append(padded + 1)
+    return tuple(start), tuple(size)
+
+
+# --------------------------------------------------------------------------------------------
+# The optimisation
+# --------------------------------------------------------------------------------------------
+
+
+def _anisotropic_sigmas(sigma: float, spacing_zyx) -> list[float]:
+    """A smoothing of ``sigma`` voxels along the finest axis, the same in mm along the others."""
+    finest = min(spacing_zyx)
+    return [sigma * finest / s for s in spacing_zyx]
+
+
+class GridSampler:
+    """:func:`fields.sample_at` / :func:`fields.exp` on one grid with the identity grid cached.
+
+    The optimisation warps the same grid hundreds of times; rebuilding the identity coordinates
+    each time (as the general-purpose :mod:`fields` functions do) costs as much as the sampling
+    itself.  Same maths, same border rule: ``Testing/test_registration.py`` checks equality with
+    :mod:`fields`.
+    """
+
+    def __init__(self, shape, device):
+        nz, ny, nx = shape
+        self.scale = torch.tensor(
+            [2.0 / max(nx - 1, 1), 2.0 / max(ny - 1, 1), 2.0 / max(nz - 1, 1)], device=device
+        ).view(1, 1, 1, 3)
+        self.identity = (fields.voxel_coordinates(shape, device).permute(1, 2, 3, 0) * self.scale - 1.0).unsqueeze(0)
+
+    def sample(self, values: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+        """``values`` ``(C, Z, Y, X)`` or ``(Z, Y, X)`` at ``x + displacement(x)`` (trilinear)."""
+        squeeze = values.dim() == 3
+        vals = values.unsqueeze(0) if squeeze else values
+        grid = torch.addcmul(self.identity, displacement.permute(1, 2, 3, 0).unsqueeze(0), self.scale)
+        out = F.grid_sample(vals.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+        return out[0] if squeeze else out
+
+    def exp(self, velocity: torch.Tensor) -> torch.Tensor:
+        """Scaling and squaring exactly as :func:`fields.exp` (same number of steps)."""
+        steps = fields.squaring_steps(velocity)
+        disp = velocity / (2.0**steps)
+        for _ in range(steps):
+            disp = disp + self.sample(disp, disp)
+        return disp
+
+
+def image_gradient(image: torch.Tensor) -> torch.Tensor:
+    """``(Z, Y, X)`` -> ``(3, Z, Y, X)`` gradient (components x, y, z), as :func:`fields.spatial_gradient`.
+
+    Central differences inside, one-sided at the borders; written into one preallocated tensor.
+    """
+    out = torch.empty((3, *image.shape), dtype=image.dtype, device=image.device)
+    for component, dim in enumerate((2, 1, 0)):
+        n = image.shape[dim]
+        target = out[component]
+        if n < 2:
+            target.zero_()
+            continue
+        if n > 2:
+            inner = target.narrow(dim, 1, n - 2)
+            torch.sub(image.narrow(dim, 2, n - 2), image.narrow(dim, 0, n - 2), out=inner)
+            inner.mul_(0.5)
+        torch.sub(image.narrow(dim, 1, 1), image.narrow(dim, 0, 1), out=target.narrow(dim, 0, 1))
+        torch.sub(image.narrow(dim, n - 1, 1), image.narrow(dim, n - 2, 1), out=target.narrow(dim, n - 1, 1))
+    return out
+
+
+def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """``det(I + D d)`` ``(Z, Y, X)``, equal to :func:`fields.jacobian_determinant` at half the memory."""
+    rows = [image_gradient(displacement[i]) for i in range(3)]
+    for i in range(3):
+        rows[i][i].add_(1.0)
+    (a, b, c), (d, e, f), (g, h, k) = rows
+    return a * (e * k - f * h) - b * (d * k - f * g) + c * (d * h - e * g)
+
+
+class _Level:
+    """Matrices and images of one pyramid level (see the module docstring)."""
+
+    def __init__(self, fixed, moving, mask, box, factor, control, spacing_zyx, config, device):
+        start, size = box
+        self.factor, self.control = factor, control
+        self.shape = tuple((n - 1) // factor + 1 for n in size)
+        self.control_shape = tuple((n - 1) // (factor * control) + 1 for n in size)
+        blur = 0.5 * factor if factor > 1 else 0.0
+        to_level = [
+            pyramid.gaussian_matrix(st + factor * torch.arange(n), full, blur)
+            for st, n, full in zip(start, self.shape, fixed.shape)
+        ]
+        stacked = torch.stack([fixed, moving] + ([mask] if mask is not None else []))
+        images = pyramid.apply_separable(stacked, to_level)
+        self.fixed, self.moving = images[0], images[1]
+        if mask is not None:  # LNCC windows touching the mask count
+            self.weight = (pyramid.box_mean(images[2:3], config.window)[0] > 0.01).to(images.dtype)
+        else:
+            self.weight = None
+        control_spacing = [s * factor * control for s in spacing_zyx]
+        fluid = _anisotropic_sigmas(config.fluid_sigma, control_spacing)
+        diffusion = _anisotropic_sigmas(config.diffusion_sigma, control_spacing)
+        self.up = [pyramid.linear_matrix(torch.arange(n) / control, nc) for n, nc in zip(self.shape, self.control_shape)]
+        self.down = [
+            pyramid.gaussian_matrix(torch.arange(nc), nc, sf) @ pyramid.gaussian_matrix(control * torch.arange(nc), n, 0.5 * control if control > 1 else 0.0)
+            for n, nc, sf in zip(self.shape, self.control_shape, fluid)
+        ]
+        self.smooth = [pyramid.gaussian_matrix(torch.arange(nc), nc, sd) for nc, sd in zip(self.control_shape, diffusion)]
+        self.up = [m.to(device) for m in self.up]
+        self.down = [m.to(device) for m in self.down]
+        self.smooth = [m.to(device) for m in self.smooth]
+        self.image_sampler = GridSampler(self.shape, device)
+        self.control_sampler = GridSampler(self.control_shape, device)
+
+    def displacement(self, velocity: torch.Tensor) -> torch.Tensor:
+        """``exp(v)`` on the control grid, upsampled to the level grid (level voxel units)."""
+        d = self.control_sampler.exp(velocity)
+        if self.control == 1:
+            return d
+        return pyramid.apply_separable(d, self.up) * self.control
+
+    def evaluate(self, velocity: torch.Tensor | None, similarity: str, window: int):
+        """Similarity (mask mean) and force ``(3, ...)`` on the level grid for the SVF ``velocity``.
+
+        ``velocity=None`` scores the unregistered pair (identity transform).
+        """
+        warped = self.moving if velocity is None else self.image_sampler.sample(self.moving, self.displacement(velocity))
+        if similarity == "lncc":
+            value_map, derivative = lncc_with_derivative(self.fixed, warped, window)
+            value = weighted_mean(value_map, self.weight)
+        else:
+            value_map, derivative = mse_with_derivative(self.fixed, warped)
+            value = -weighted_mean(value_map, self.weight)  # maximised
+        if self.weight is not None:
+            derivative.mul_(self.weight)
+        force = image_gradient(warped).mul_(derivative.unsqueeze(0))
+        return float(value), force
+
+    def update(self, force: torch.Tensor, step: float) -> torch.Tensor:
+        """Smoothed, downsampled force rescaled so its largest vector is ``step`` control voxels."""
+        u = pyramid.apply_separable(force, self.down) / self.control
+        largest = float(torch.sqrt((u * u).sum(0)).max())
+        return u * (step / largest) if largest > 0 else u
+
+    def regularise(self, velocity: torch.Tensor) -> torch.Tensor:
+        return pyramid.apply_separable(velocity, self.smooth)
+
+
+def _rescale_velocity(velocity: torch.Tensor, old: _Level, new: _Level) -> torch.Tensor:
+    """Carry the SVF from one level's control grid to the next (voxel units rescaled)."""
+    ratio = (old.factor * old.control) / (new.factor * new.control)
+    matrices = [
+        pyramid.linear_matrix(torch.arange(n) / ratio, n_old).to(velocity.device)
+        for n, n_old in zip(new.control_shape, old.control_shape)
+    ]
+    return pyramid.apply_separable(velocity, matrices) * ratio
+
+
+def _to_full_grid(field_on_control: torch.Tensor, level: _Level, box, full_shape) -> torch.Tensor:
+    """Control-grid field -> the whole fixed grid (full voxel units), border-replicated outside the box."""
+    start, _ = box
+    spacing = level.factor * level.control
+    matrices = [
+        pyramid.linear_matrix((torch.arange(n) - st) / spacing, nc).to(field_on_control.device)
+        for n, st, nc in zip(full_shape, start, level.control_shape)
+    ]
+    return pyramid.apply_separable(field_on_control, matrices) * spacing
+
+
+def _check_inputs(fixed: torch.Tensor, moving: torch.Tensor, mask) -> None:
+    for name, image in (("fixed", fixed), ("moving", moving)):
+        if image.dim() != 3:
+            raise ValueError(f"{name} image must be a (Z, Y, X) tensor, got shape {tuple(image.shape)}")
+        if not torch.isfinite(image).all():
+            raise ValueError(f"{name} image contains NaN or infinite values")
+        if float(image.max()) == float(image.min()):
+            raise ValueError(f"{name} image is constant: nothing to register")
+    if fixed.shape != moving.shape:
+        raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share one grid")
+    if mask is not None:
+        if mask.shape != fixed.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} must be on the fixed grid {tuple(fixed.shape)}")
+        if not bool((mask > 0).any()):
+            raise ValueError("mask is empty")
+
+
+def register_svf(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    spacing=(1.0, 1.0, 1.0),
+    mask: torch.Tensor | None = None,
+    config: SVFRegistrationConfig | None = None,
+    device=None,
+    seed: int = 0,
+    progress=None,
+) -> SVFRegistrationResult:
+    """Find the SVF ``v`` with ``moving o exp(v) ~ fixed`` (both ``(Z, Y, X)`` on one grid).
+
+    spacing:  ``(sx, sy, sz)`` in mm (ITK order); used for the crop margin and to make smoothing
+              isotropic in mm on anisotropic grids.
+    mask:     optional ``(Z, Y, X)`` region of the fixed image (e.g. the brain) where similarity
+              is measured; the work is restricted to its bounding box plus a margin.
+    device:   ``None``/"cpu", "cuda", "auto" or a ``torch.device``.
+    progress: optional ``callable(fraction, message)``.
+    Returns an :class:`SVFRegistrationResult` (fields on the CPU).
+    """
+    started = time.perf_counter()
+    config = config or SVFRegistrationConfig()
+    config.validate()
+    _check_inputs(fixed, moving, mask)
+    if isinstance(device, str) or device is None:
+        device = fields.resolve_device(device or "cpu")
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    torch.manual_seed(seed)
+    spacing_zyx = (float(spacing[2]), float(spacing[1]), float(spacing[0]))
+
+    with torch.no_grad():
+        fixed_n = normalise_intensity(fixed.to(device))
+        moving_n = normalise_intensity(moving.to(device))
+        mask_d = (mask.to(device) > 0).float() if mask is not None else None
+        region = mask_d if mask_d is not None else ((fixed_n > 0.05) | (moving_n > 0.05)).float()
+        if not bool(region.any()):
+            region = torch.ones_like(fixed_n)
+        multiple = max(f * c for f, c in zip(config.levels, config.control_factors))
+        box = registration_box(region, spacing_zyx, config.crop_margin_mm, multiple)
+
+        plan = [(f, c, n) for f, c, n in zip(config.levels, config.control_factors, config.iterations)
+                if min((size - 1) // (f * c) + 1 for size in box[1]) >= 4
+                and f * max(spacing_zyx) >= config.min_level_spacing_mm - 1e-6]
+        if not plan:
+            raise ValueError(f"image region {box[1]} is too small for the pyramid levels {config.levels}")
+        costs = [n * math.prod((size - 1) // f + 1 for size in box[1]) for f, _, n in plan]
+        total_cost, done_cost = max(sum(costs), 1), 0.0
+
+        history: list[dict] = []
+        timings = {"prepare": time.perf_counter() - started}
+        velocity, previous = None, None
+        for index, (factor, control, n_iter) in enumerate(plan):
+            level_started = time.perf_counter()
+            level = _Level(fixed_n, moving_n, mask_d, box, factor, control, spacing_zyx, config, device)
+            if velocity is None:
+                velocity = torch.zeros((3, *level.control_shape), device=device)
+            else:
+                velocity = _rescale_velocity(velocity, previous, level)
+            for it in range(n_iter):
+                value, force = level.evaluate(velocity, config.similarity, config.window)
+                history.append({"level": index, "factor": factor, "iteration": it, "similarity": value})
+                decay = 1.0 - (1.0 - config.final_step_fraction) * it / max(n_iter - 1, 1)
+                update = level.update(force, config.step * decay)
+                if config.bch_order == 2:
+                    velocity = fields.bch(velocity, update, order=2)
+                else:
+                    velocity = velocity + update
+                velocity = level.regularise(velocity)
+                done_cost += costs[index] / max(n_iter, 1)
+                if progress is not None:
+                    progress(min(done_cost / total_cost, 1.0) * 0.95, f"level {index + 1}/{len(plan)} (1/{factor} resolution), iteration {it + 1}/{n_iter}")
+            previous = level
+            timings[f"level{index + 1}_1/{factor}"] = time.perf_counter() - level_started
+
+        outputs_started = time.perf_counter()
+        final_value, _ = level.evaluate(velocity, config.similarity, config.window)
+        initial, _ = level.evaluate(None, config.similarity, config.window)
+        full_velocity = _to_full_grid(velocity, level, box, fixed.shape)
+        displacement = _to_full_grid(fields.exp(velocity), level, box, fixed.shape)
+        warped = fields.warp(moving.to(device).float(), displacement)
+        inside = tuple(slice(max(st, 0), min(st + n, full)) for st, n, full in zip(box[0], box[1], fixed.shape))
+        det = jacobian_determinant(displacement[(slice(None), *inside)])
+        folding = float((det <= 0).float().mean())
+        min_jac = float(det.min())
+        timings["outputs"] = time.perf_counter() - outputs_started
+
+    if progress is not None:
+        progress(1.0, "registration done")
+    name = config.similarity
+    return SVFRegistrationResult(
+        velocity=full_velocity.cpu(),
+        displacement=displacement.cpu(),
+        warped=warped.cpu(),
+        similarity=final_value if name == "lncc" else -final_value,
+        initial_similarity=initial if name == "lncc" else -initial,
+        similarity_name="mean squared LNCC in mask (higher is better)" if name == "lncc" else "MSE of normalised intensities in mask (lower is better)",
+        folding_fraction=folding,
+        min_jacobian=min_jac,
+        seconds=time.perf_counter() - started,
+        device=str(device),
+        history=history,
+        config=asdict(config),
+        box={"start_zyx": list(box[0]), "size_zyx": list(box[1])},
+        timings_s=timings,
+    )
