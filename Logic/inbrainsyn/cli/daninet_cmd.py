@@ -56,6 +56,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--split", default=None, help="split.json from 'daninet train' (its held-out subjects)")
     e.add_argument("--subjects", nargs="*", default=None, help="subjects to evaluate (instead of --split)")
     e.add_argument("--slice-stride", type=int, default=None, help="default: the training stride")
+    e.add_argument("--with-inbrainsyn", action="store_true",
+                   help="also predict with InBrainSyn (pole ladder) and score it on the same slices")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=run_evaluate)
@@ -196,8 +198,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         sub_scans = [s for s in scans if s.subject == subj]
         if len(sub_scans) < 2:
             raise InputError(f"subject {subj!r} has fewer than 2 scans in {args.data}")
-        rows += evaluate_subject(model, sub_scans, masks, reference, stride)
-    summary = ev.summarise(rows, METHODS)
+        print(f"evaluating {subj} ({len(sub_scans) - 1} follow-ups)", flush=True)
+        rows += evaluate_subject(model, sub_scans, masks, reference, stride, with_inbrainsyn=args.with_inbrainsyn)
+    summary = ev.summarise(rows, list(METHODS) + (["inbrainsyn"] if args.with_inbrainsyn else []))
     table = ev.markdown_table(summary)
     with io.staged_output_dir(args.output, args.overwrite) as stage:
         with open(stage / "metrics.csv", "w", newline="") as f:

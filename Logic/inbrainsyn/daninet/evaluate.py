@@ -7,7 +7,8 @@ follow-up's slice k, with the metrics of ``inbrainsyn evaluate`` (PSNR, SSIM, MA
 each image to [0, 1] by its own 1st-99th percentiles inside the follow-up's brain mask), computed
 per slice and averaged over the slices of a follow-up. Methods: ``daninet`` (residual assembly),
 ``daninet-blend`` (the code's blend), ``copy`` (the baseline slice itself: the no-change baseline
-any method must beat).
+any method must beat), and optionally ``inbrainsyn`` (InBrainSyn, pole ladder, predicted in 3D as
+``inbrainsyn evaluate`` does, then cut at the same slices) so both methods share one table.
 """
 
 from __future__ import annotations
@@ -32,9 +33,44 @@ def slice_metrics(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict
     return {"psnr": ev.psnr(p, t, mask), "ssim": ev.ssim(p, t, mask), "mae": float(np.mean(np.abs(p[mask] - t[mask])))}
 
 
+def inbrainsyn_predictions(scans: list[Scan], transport_method: str = "pole") -> dict[str, np.ndarray]:
+    """InBrainSyn's predicted follow-up volumes (Z, Y, X) for one subject, keyed by follow-up path.
+
+    Same steps as ``inbrainsyn evaluate`` (template-to-subject registration, cohort ageing SVF
+    transported along v, applied to the subject's native grid)."""
+    from inbrainsyn import fields, io
+    from inbrainsyn.synthesis import (NativeMapper, SynthesisRequest, cohort_ageing_svf, register_subject,
+                                      resample_native)
+    from inbrainsyn.templates import load_bank
+    from inbrainsyn.transport import transport
+
+    class _Quiet:
+        def progress(self, *args, **kwargs):
+            pass
+
+    bank, device = load_bank(None), torch.device("cpu")
+    scans = sorted(scans, key=lambda s: s.age)
+    base = scans[0]
+    cohort = "HC" if base.group.upper().startswith("HC") else "AD"
+    transition = base.transition_age if cohort == "HC" else None
+    subject = io.read_image(base.path)
+    request = SynthesisRequest(input_path=str(base.path), age=base.age, targets=[s.age for s in scans[1:]],
+                               cohort=cohort, transition_age=transition, skull_stripped=True)
+    registered = register_subject(subject, request, bank, device, _Quiet())
+    mapper = NativeMapper(fields.Grid.from_sitk(subject), bank.grid, registered.affine_matrix,
+                          registered.affine_offset, device)
+    out = {}
+    for fu in scans[1:]:
+        u = cohort_ageing_svf(bank, cohort, base.age, fu.age, transition)
+        w = transport(u, along=registered.velocity, method=transport_method)
+        pred = resample_native(subject, mapper.native_map(fields.exp(w).cpu()), sitk.sitkBSpline)
+        out[str(fu.path)] = sitk.GetArrayFromImage(pred)
+    return out
+
+
 @torch.no_grad()
 def evaluate_subject(model: DaniNet, scans: list[Scan], masks: dict[str, str | None], reference: sitk.Image,
-                     stride: int, methods=METHODS) -> list[dict]:
+                     stride: int, methods=METHODS, with_inbrainsyn: bool = False) -> list[dict]:
     """Rows (subject, age_from, age_to, method, psnr, ssim, mae, dice=nan, slices) for one subject."""
     scans = sorted(scans, key=lambda s: s.age)
     base = scans[0]
@@ -46,8 +82,14 @@ def evaluate_subject(model: DaniNet, scans: list[Scan], masks: dict[str, str | N
         x = vol0[k]
         g = bin_outputs(model, geometry.to_frame(x[None], model.cfg.frame_size), base.dx, k)
         cache[k] = (x, g, geometry.from_frame(blend_bins(g, base.age), x.shape)[0])
+    methods = list(methods)
+    volumes = {}
+    if with_inbrainsyn:
+        volumes = inbrainsyn_predictions(scans)
+        methods.append("inbrainsyn")
     rows = []
     for fu in scans[1:]:
+        ibs = geometry.normalise_intensity(volumes[str(fu.path)]) if with_inbrainsyn else None
         truth = geometry.normalise_intensity(sitk.GetArrayFromImage(load_on_grid(fu.path, reference)))
         mpath = masks.get(str(fu.path))
         mask_vol = (sitk.GetArrayFromImage(load_on_grid(mpath, reference)) > 0.5) if mpath else truth > 0.05
@@ -60,7 +102,7 @@ def evaluate_subject(model: DaniNet, scans: list[Scan], masks: dict[str, str | N
             gt = geometry.from_frame(blend_bins(g, fu.age), x.shape)[0]
             preds = {"daninet": lambda: assemble(x, g0, gt, base.age, fu.age, "residual"),
                      "daninet-blend": lambda: assemble(x, g0, gt, base.age, fu.age, "blend"),
-                     "copy": lambda: x}
+                     "copy": lambda: x, "inbrainsyn": lambda: ibs[k]}
             for m in methods:
                 per[m].append(slice_metrics(preds[m](), truth[k], mask))
         for m in methods:
