@@ -313,14 +313,14 @@ def cohort_ageing_svf(bank, cohort: str, age: float, target: float, transition_a
 
 def transported_ageing(subject: SubjectInTemplateSpace, request: SynthesisRequest, bank, device) -> list[TargetResult]:
     """For each target age: the cohort ageing ``u`` transported along ``v`` and its exponential."""
-    from inbrainsyn.transport import transport
+    from inbrainsyn.transport import accurate_exp, transport
 
     v = subject.velocity.to(device)
     results = []
     for target in request.targets:
         u = cohort_ageing_svf(bank, request.cohort, request.age, target, request.transition_age).to(device)
         w = transport(u, along=v, method=request.transport)
-        results.append(TargetResult(age=float(target), velocity=w.cpu(), displacement=fields.exp(w).cpu()))
+        results.append(TargetResult(age=float(target), velocity=w.cpu(), displacement=accurate_exp(w).cpu()))
     return results
 
 
@@ -361,6 +361,7 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
 
     from inbrainsyn import report as report_mod
     from inbrainsyn.templates import load_bank, regional_volumes_ml
+    from inbrainsyn.transport import accurate_exp
 
     bank = load_bank(request.bank)
     request.validate(bank.age_range(request.cohort if request.transition_age is None else "AD"))
@@ -408,7 +409,7 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
             synthetic = resample_native(subject, native, sitk.sitkBSpline)
             synthetic = sitk.Clamp(synthetic, sitk.sitkFloat32, low, high)  # B-spline overshoot
             difference = sitk.Subtract(synthetic, subject)
-            inverse = fields.exp(-target.velocity)
+            inverse = accurate_exp(-target.velocity)
             jacobian = _image_like(mapper.pull_template(fields.jacobian_determinant(inverse), None, "bilinear", fill=1.0), subject)
             label_disp = fields.compose(registered.displacement, target.displacement)  # exp(v) o exp(w)
             labels = _image_like(mapper.pull_template(labels_t, label_disp), subject, sitk.sitkInt16)
