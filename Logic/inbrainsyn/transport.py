@@ -114,6 +114,15 @@ def ladder_steps(along: torch.Tensor, max_rung_voxels: float = DEFAULT_MAX_RUNG_
     return int(min(MAX_STEPS, max(1, math.ceil(length / max_rung_voxels))))
 
 
+def default_steps(method: str, along: torch.Tensor) -> int | None:
+    """Ladder steps :func:`transport` uses for ``method`` when none are given (None: not a ladder)."""
+    if method == "pole":
+        return ladder_steps(along)
+    if method == "schild":
+        return ladder_steps(along, half=False)
+    return None
+
+
 def _check_steps(steps: int | None) -> None:
     if steps is not None and (int(steps) != steps or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -283,15 +292,20 @@ def transported_displacement(
     method: str = "pole",
     steps: int | None = None,
     mask: torch.Tensor | None = None,
+    transported: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Displacement to warp the subject by: ``S o phi`` is the aged subject, ``(3, Z, Y, X)``.
 
     For the ladders (and ``none``) ``phi = exp(w)`` (:func:`accurate_exp`).  For the conjugations without a mask the
     three exponentials are composed directly (``exp(-f v) o exp(u) o exp(f v)``), which needs
     neither a series nor a push-forward Jacobian; with a mask, ``exp(mask * w)``.
+    ``transported``: the w that :func:`transport` already returned for these arguments, to avoid
+    computing it twice.
     """
     _validate(u, along, method, mask)
     along = along.to(device=u.device, dtype=u.dtype)
     if mask is None and method in ("half-conjugation", "conjugation"):
         return conjugated_displacement(u, along, 0.5 if method == "half-conjugation" else 1.0)
-    return accurate_exp(transport(u, along, method, steps, mask))
+    if transported is None:
+        transported = transport(u, along, method, steps, mask)
+    return accurate_exp(transported)
