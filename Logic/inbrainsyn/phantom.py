@@ -21,7 +21,10 @@ Each subject is built as follows (all deterministic for a seed):
 
 Outputs in ``DIR``: ``cohort.csv`` (subject, scan, age, group, transition_age, path, labels_path,
 mask_path, clean_path; paths relative to DIR), ``phantom.json`` (parameters, per-scan prescribed and
-achieved regional log-volume changes) and per subject ``sub-XXX/`` images, label maps and masks.
+achieved regional log-volume changes, and the true summary-region volumes ``volumes_ml`` measured on
+the warped partial-volume maps) and per subject ``sub-XXX/`` images, label maps and masks.  The label
+maps are the argmax of the warped partial-volume maps; for the small changes of a few years prefer
+``volumes_ml`` to counting label voxels (sub-voxel changes are quantised in hard labels).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from inbrainsyn import fields, io
 from inbrainsyn.errors import InputError
 from inbrainsyn.templates import atrophy
 from inbrainsyn.templates.bank import Bank, load_bank
-from inbrainsyn.templates.regions import argmax_labels, one_hot
+from inbrainsyn.templates.regions import argmax_labels, one_hot, summary_volumes_from_maps
 
 GROUPS = ("HC", "AD", "HC->AD")
 BASELINE_AGE_RANGES = {"HC": (60.0, 82.0), "AD": (65.0, 82.0), "HC->AD": (62.0, 80.0)}
@@ -203,6 +206,7 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
     plan = _subject_plan(index, config.seed, config, bank)
     rng = np.random.default_rng([config.seed, index, 2])
     spacing_zyx = tuple(reversed(grid.spacing))
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
     start_cohort = "AD" if plan["group"] == "AD" else "HC"
     listed = bank.ages(start_cohort)
     anatomy_age = min(listed, key=lambda a: abs(a - plan["baseline_age"]))
@@ -244,7 +248,9 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
             disp = fields.compose(psi, fields.exp(solution.velocity))
             goals, achieved, min_jac = solution.goals, solution.achieved, solution.min_jacobian
         clean = fields.warp(template, disp).numpy()
-        scan_labels = argmax_labels(fields.warp(maps, disp), values).numpy()
+        scan_maps = fields.warp(maps, disp)
+        scan_labels = argmax_labels(scan_maps, values).numpy()
+        volumes = summary_volumes_from_maps(scan_maps, values, bank.label_names, voxel_ml)
         if skull is not None:
             clean = np.where(scan_labels > 0, clean, skull)
         scan_bias = bias * np.exp(0.03 * smooth_noise(shape, spacing_zyx, 80.0, rng)[0])
@@ -253,7 +259,7 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
         scans.append({
             "scan": k, "age": age, "image": observed, "clean": clean_acq, "labels": scan_labels,
             "mask": (scan_labels > 0).astype(np.uint8),
-            "goals": goals, "achieved": achieved, "min_jacobian": min_jac,
+            "goals": goals, "achieved": achieved, "min_jacobian": min_jac, "volumes_ml": volumes,
         })
     return plan, scans
 
@@ -292,6 +298,7 @@ def make_phantom(out_dir: str | Path, config: PhantomConfig | None = None, bank:
                              **paths})
                 plan.setdefault("scans", []).append({
                     "scan": scan["scan"], "age": scan["age"], "min_jacobian": round(scan["min_jacobian"], 4),
+                    "volumes_ml": {k: round(v, 3) for k, v in scan["volumes_ml"].items()},
                     "log_volume_change_goal": {k: round(v, 5) for k, v in scan["goals"].items()},
                     "log_volume_change_achieved": {k: round(v, 5) for k, v in scan["achieved"].items()},
                 })

@@ -36,8 +36,9 @@ occupies ``V / det(D phi)`` in ``I o phi``, so a log-volume change ``g`` needs
 diagonalises the discrete Neumann Laplacian: eigenvalues ``sum_d 2 cos(pi k_d / N_d) - 2``).
 Because ``sum f = 0`` inside the skull (the CSF balances the loss), the field decays outside it.
 The linearisation and the smoothing leave errors, so the regional coefficients are corrected
-by a fixed-point iteration: the achieved change is measured by warping the partial-volume maps
-(trilinear) and ``f_R <- f_R - (g_R - achieved_R)``.  ``u`` is a gradient field and ``exp`` keeps it
+by a damped fixed-point iteration: the achieved change is measured by warping the partial-volume
+maps (trilinear) and ``f_R <- f_R - 0.7 (g_R - achieved_R) / gain_R``; final defect-correction rounds
+measure on the full grid and correct the coarse goals.  ``u`` is a gradient field and ``exp`` keeps it
 diffeomorphic (no folding; checked).
 """
 
@@ -308,13 +309,44 @@ def balance_goals(volumes: dict[str, float], prescribed: dict[str, float], balan
     return goals
 
 
+DEEP_CSF = "csf_deep"
+DEEP_CSF_DEPTH_MM = (8.0, 14.0)  # CSF deeper than this (ramp) grows like the ventricles
+DEEP_CSF_FOLLOWS = "lateral_ventricles"
+
+
+def split_deep_csf(maps: torch.Tensor, names: list[str], prescribed: dict[str, float], spacing_zyx,
+                   balance_region: str) -> tuple[torch.Tensor, list[str], dict[str, float]]:
+    """Split the balancing CSF into outer CSF (balance) and deep CSF that grows like the ventricles.
+
+    Deep CSF spaces (3rd ventricle, cisterns, temporal horns) enlarge with the ventricles; if they
+    took up the brain's loss like the thin outer CSF they would balloon and push the lateral
+    ventricles apart.  The weight of a CSF voxel in the deep part ramps from 0 to 1 between
+    :data:`DEEP_CSF_DEPTH_MM` of depth below the intracranial surface.  The deep part gets the
+    ventricles' log-volume goal; the outer part keeps the intracranial volume constant.
+    """
+    if balance_region not in names or DEEP_CSF_FOLLOWS not in prescribed or DEEP_CSF in names:
+        return maps, names, prescribed
+    csf_index = names.index(balance_region)
+    inside = (maps.sum(0) > 0.5).numpy()
+    depth = scipy.ndimage.distance_transform_edt(inside, sampling=spacing_zyx)
+    lo, hi = DEEP_CSF_DEPTH_MM
+    weight = torch.from_numpy(np.clip((depth - lo) / (hi - lo), 0.0, 1.0)).float()
+    deep = maps[csf_index] * weight
+    if float(deep.sum()) < 1.0:
+        return maps, names, prescribed
+    maps = torch.cat([maps, deep[None]])
+    maps[csf_index] = maps[csf_index] - deep
+    prescribed[DEEP_CSF] = prescribed[DEEP_CSF_FOLLOWS]
+    return maps, names + [DEEP_CSF], prescribed
+
+
 def solve_ageing_svf(
     region_maps: torch.Tensor,
     region_names: list[str],
     prescribed: dict[str, float],
     spacing_zyx: tuple[float, float, float],
     balance_region: str = "csf",
-    smoothing_mm: float = 2.0,
+    smoothing_mm: float = 3.0,
     solve_spacing_mm: float = 2.0,
     iterations: int = 8,
     tolerance: float = 0.03,
@@ -328,13 +360,20 @@ def solve_ageing_svf(
         ``balance_region`` (CSF) takes up the total change; other regions get goal 0.
     spacing_zyx: voxel size (mm) along the tensor dims (Z, Y, X).
     The solve runs on a grid of about ``solve_spacing_mm`` (the field is smooth) and the velocity is
-    resampled to the input grid; the achieved changes are measured on the input grid.
+    resampled to the input grid.  Up to ``full_rounds`` defect corrections then measure the change on
+    the input grid's partial-volume maps and shift the coarse goals by the remaining error.
+
+    Why partial volumes and not nearest-neighbour label counts: a pull-back warp whose displacement
+    is below half a voxel leaves a nearest-neighbour label map unchanged, so label counts are a
+    quantised, biased measure of the small (sub-voxel) changes of a few years of ageing.  Warping
+    one-hot (or partial-volume) maps trilinearly and summing measures the continuum volume.
     Returns an :class:`AtrophySolution`.
     """
     if region_maps.dim() != 4 or region_maps.shape[0] != len(region_names):
         raise ValueError("region_maps must be (R, Z, Y, X) with one name per map")
     full_shape = tuple(int(n) for n in region_maps.shape[1:])
-    maps = region_maps.float()
+    maps, region_names, prescribed = split_deep_csf(region_maps.float(), list(region_names), dict(prescribed),
+                                                    spacing_zyx, balance_region)
     volumes_vox = maps.sum(dim=(1, 2, 3)).double()
     volumes = {n: float(v) for n, v in zip(region_names, volumes_vox)}
     goals = balance_goals(volumes, prescribed, balance_region)
@@ -377,11 +416,13 @@ def solve_ageing_svf(
         displacement = fields.exp(velocity)
         achieved_full = measure_log_changes(maps, displacement)
         error_full = goal_vec - achieved_full
-        if shape == full_shape or bool((error_full.abs() / goal_vec.abs().clamp_min(0.01) <= tolerance).all()):
+        if bool((error_full.abs() / goal_vec.abs().clamp_min(0.01) <= tolerance).all()):
             break
         # the coarse maps are blurred versions of the fine ones and respond differently: aim the
-        # coarse iterations at a goal shifted by the fine-grid error (a defect correction)
-        coarse_goal = coarse_goal + error_full
+        # coarse iterations at a goal shifted by the fine-grid error (a defect correction), bounded
+        # so that a region that cannot be resolved does not drag its neighbours along
+        limit = 0.5 * goal_vec.abs() + 0.01
+        coarse_goal = goal_vec + (coarse_goal + error_full - goal_vec).clamp(-limit, limit)
     min_jac = float(fields.jacobian_determinant(displacement).min())
     if not math.isfinite(min_jac) or min_jac <= 0:
         raise ProcessingError(f"atrophy solver: the ageing deformation folds (min Jacobian {min_jac:.3f}); "

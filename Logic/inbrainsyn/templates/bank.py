@@ -410,7 +410,10 @@ class Bank:
     def _step_svf(self, cohort: str, lower: TemplateEntry, upper: TemplateEntry, age: float) -> torch.Tensor | None:
         """SVF from the listed template ``lower`` to ``age`` (inside the segment), or None."""
         if self.model is not None:
-            return self._model_svf(cohort, lower.age, age, None, self._listed_labels(lower))
+            key = ("step", cohort, lower.age, round(float(age), 4))
+            if key not in self._svf_cache:
+                self._svf_cache[key] = self._model_svf(cohort, lower.age, age, None, self._listed_labels(lower))
+            return self._svf_cache[key]
         stored = self._svf_files.get((cohort, lower.age, upper.age))
         if stored is not None:
             return self._stored(stored) * ((age - lower.age) / (upper.age - lower.age))
@@ -463,8 +466,10 @@ class Bank:
         values = sorted(v for v in self.label_names if bool((labels == v).any()))
         maps = one_hot(labels, values)
         targets = self.model.targets("AD" if transition_age is not None else cohort, age_from, age_to, transition_age)
+        # a ~3 mm solve grid keeps this to seconds; the full-grid defect correction keeps it accurate
         solution = atrophy.solve_ageing_svf(maps, [self.label_names[v] for v in values], targets, self.spacing_zyx,
-                                            balance_region=self.model.balance_region)
+                                            balance_region=self.model.balance_region,
+                                            solve_spacing_mm=max(3.0, min(self.grid.spacing)))
         return solution.velocity
 
     def _stored(self, path: Path) -> torch.Tensor:
