@@ -91,10 +91,15 @@ class BracketWith:
     def __call__(self, b: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(b)
         for i in range(3):
-            da_b = torch.einsum("j...,j...->...", self.jacobian[i], b)  # ((Da) b)_i
-            db_a = torch.einsum("j...,j...->...", _component_gradient(b, i), self.a)  # ((Db) a)_i
-            out[i] = da_b - db_a
+            out[i] = _dot(self.jacobian[i], b) - _dot(_component_gradient(b, i), self.a)  # ((Da) b - (Db) a)_i
         return out
+
+
+def _dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Voxel-wise dot product of two ``(3, Z, Y, X)`` tensors -> ``(Z, Y, X)`` (one temporary)."""
+    out = p[0] * q[0]
+    out.addcmul_(p[1], q[1])
+    return out.addcmul_(p[2], q[2])
 
 
 # --------------------------------------------------------------------------------------------
