@@ -109,6 +109,7 @@ class SVFRegistrationResult:
     config: dict = field(default_factory=dict)
     box: dict = field(default_factory=dict)  # the registered region: start (z, y, x), size
     timings_s: dict = field(default_factory=dict)  # wall seconds per phase
+    grid: fields.Grid | None = None  # the fixed image's geometry (set by register_images)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,8 +368,16 @@ def register_svf(
     _check_inputs(fixed, moving, mask)
     if isinstance(device, str) or device is None:
         device = fields.resolve_device(device or "cpu")
+    previous_threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
+    try:
+        return _register(fixed, moving, spacing, mask, config, device, seed, progress, started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _register(fixed, moving, spacing, mask, config, device, seed, progress, started) -> SVFRegistrationResult:
     torch.manual_seed(seed)
     spacing_zyx = (float(spacing[2]), float(spacing[1]), float(spacing[0]))
 

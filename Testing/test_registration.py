@@ -1,0 +1,253 @@
+"""Registration: building blocks against :mod:`fields`, convention, determinism, real-anatomy accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from conftest import smooth_random_field
+from inbrainsyn import fields
+from inbrainsyn.registration import (
+    SVFRegistrationConfig,
+    affine_register,
+    register_images,
+    register_svf,
+    synthetic,
+    transform_error_mm,
+)
+from inbrainsyn.registration import pyramid, similarity
+from inbrainsyn.registration.svf import GridSampler, image_gradient, jacobian_determinant, registration_box
+
+
+def blob_phantom(shape=(40, 44, 48), seed=0) -> torch.Tensor:
+    """Smooth 'anatomy': an ellipsoid with a dozen bright and dark Gaussian blobs inside."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    centre = np.array(shape) / 2.0
+    r = np.sqrt(((z - centre[0]) / (0.38 * shape[0])) ** 2 + ((y - centre[1]) / (0.38 * shape[1])) ** 2 + ((x - centre[2]) / (0.38 * shape[2])) ** 2)
+    image = 1.0 / (1.0 + np.exp((r - 1.0) * 12.0))
+    for _ in range(12):
+        c = centre + rng.uniform(-0.22, 0.22, 3) * np.array(shape)
+        s = rng.uniform(2.0, 4.0)
+        image += rng.choice([-0.5, 0.6]) * np.exp(-(((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) / (2 * s * s)))
+    from scipy.ndimage import gaussian_filter
+
+    texture = gaussian_filter(rng.standard_normal(shape), 1.5)
+    image += image * 0.5 * texture / texture.std()  # fine structure inside the 'brain' only
+    return torch.from_numpy(image).float()
+
+
+# one thread: these volumes are too small to gain from more, and it keeps timings stable on busy CI
+SMALL = SVFRegistrationConfig(levels=(2, 1), iterations=(60, 30), control_factors=(1, 1), crop_margin_mm=6.0, num_threads=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks equal their definitions in fields / autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def test_box_mean_matches_dense_box_matrices_and_is_unbiased_at_borders():
+    x = torch.rand((2, 9, 10, 11), dtype=torch.float64)
+    dense = pyramid.apply_separable(x, [pyramid.box_matrix(n, 5) for n in x.shape[1:]])
+    assert torch.allclose(pyramid.box_mean(x, 5), dense, atol=1e-12)
+    assert torch.allclose(pyramid.box_mean(torch.ones((1, 6, 7, 8)), 5), torch.ones((1, 6, 7, 8)))
+
+
+def test_linear_matrices_equal_fields_resize_field_on_nested_grids():
+    v = smooth_random_field((9, 11, 13), 2.0, seed=4)
+    fine_shape = (17, 21, 25)  # (n_coarse - 1) * 2 + 1: nested grids
+    mats = [pyramid.linear_matrix(torch.arange(n) / 2.0, nc) for n, nc in zip(fine_shape, v.shape[1:])]
+    ours = pyramid.apply_separable(v, mats) * 2.0
+    assert torch.allclose(ours, fields.resize_field(v, fine_shape), atol=1e-5)
+
+
+def test_grid_sampler_gradient_and_jacobian_equal_fields():
+    shape = (17, 19, 23)
+    image = torch.rand(shape)
+    v = smooth_random_field(shape, 3.0, seed=1)
+    sampler = GridSampler(shape, "cpu")
+    assert torch.allclose(sampler.sample(image, v), fields.warp(image, v), atol=1e-5)
+    assert torch.allclose(sampler.exp(v), fields.exp(v), atol=1e-5)
+    assert torch.equal(image_gradient(image), fields.spatial_gradient(image[None])[0])
+    d = fields.exp(v)
+    assert torch.allclose(jacobian_determinant(d), fields.jacobian_determinant(d), atol=1e-6)
+
+
+def test_lncc_is_one_for_affine_intensity_change_and_lower_for_misalignment():
+    image = blob_phantom()
+    inside = (image > 0.3).float()  # LNCC is 0 by definition where the image is flat (background)
+    # not exactly 0: the eps regulariser of the variances (1e-4) weighs a little in low-contrast windows
+    assert float(similarity.lncc_loss(image, 3.0 * image + 1.0, inside, window=5)) < 0.01
+    shifted = torch.roll(image, 3, dims=2)
+    assert float(similarity.lncc_loss(image, shifted, inside, window=5)) > 0.05
+    assert float(similarity.mse_loss(image, image)) == 0.0
+
+
+def test_lncc_pointwise_derivative_points_like_the_exact_gradient():
+    """The ANTs local approximation must agree in direction with autograd's exact gradient."""
+    fixed = blob_phantom()
+    warped = torch.roll(fixed, 2, dims=1) * 0.8 + 0.1
+    cc, approx = similarity.lncc_with_derivative(fixed, warped, 5)
+    assert torch.allclose(cc, similarity.lncc_map(fixed, warped, 5), atol=1e-5)
+    exact_input = warped.clone().requires_grad_()
+    similarity.lncc_map(fixed, exact_input, 5).sum().backward()
+    exact = exact_input.grad
+    # what drives the optimisation is the force dS/dW grad W (then smoothed): compare those
+    grad = image_gradient(warped)
+
+    def cosine(a, b):
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    assert cosine(exact, approx) > 0.3  # pointwise the approximation is rough on fine texture...
+    assert cosine(grad * exact, grad * approx) > 0.75  # ...but the force points the same way
+    assert cosine(pyramid.gaussian_smooth(grad * exact, 2.0), pyramid.gaussian_smooth(grad * approx, 2.0)) > 0.8
+
+
+def test_registration_box_nests_the_pyramid_and_contains_the_region():
+    region = torch.zeros((30, 40, 50))
+    region[5:20, 10:31, 7:40] = 1
+    start, size = registration_box(region, (1.0, 1.0, 1.0), 2.0, 8)
+    for st, n, lo, hi in zip(start, size, (5, 10, 7), (19, 30, 39)):
+        assert (n - 1) % 8 == 0
+        assert st <= lo - 2 and st + n - 1 >= hi + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimisation: convention, accuracy on a phantom, determinism, bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_direction_convention_moving_o_exp_v_matches_fixed():
+    """moving(x) = fixed(x - 2 e_x) is matched by phi(x) = x + 2 e_x: d_x ~ +2 voxels inside."""
+    fixed = blob_phantom()
+    moving = fields.warp(fixed, torch.tensor([-2.0, 0.0, 0.0]).view(3, 1, 1, 1).expand(3, *fixed.shape).contiguous())
+    mask = fixed > 0.5
+    result = register_svf(fixed, moving, (1.0, 1.0, 1.0), mask=mask, config=SMALL)
+    inside = result.displacement[:, mask]
+    assert abs(float(inside[0].mean()) - 2.0) < 0.3
+    assert float(inside[1:].abs().mean()) < 0.3
+    assert result.similarity > result.initial_similarity
+    # outputs obey the documented relations
+    assert torch.allclose(result.warped, fields.warp(moving, result.displacement), atol=1e-4)
+    exact = fields.exp(result.velocity)
+    assert float((exact - result.displacement).abs()[:, mask].max()) < 0.1
+
+
+def known_svf(shape, max_voxels, seed):
+    """Smooth random SVF (sigma 5 voxels, periodic so its largest vector may lie anywhere)."""
+    return synthetic.smooth_random_svf(shape, (1.0, 1.0, 1.0), max_voxels, 5.0, seed)
+
+
+def test_recovers_a_known_smooth_deformation_of_a_phantom_without_folding():
+    fixed = blob_phantom()
+    v_true = known_svf(fixed.shape, 3.0, seed=7)
+    moving = fields.warp(fixed, fields.exp(-v_true))
+    inside = fixed > 0.3
+    result = register_svf(fixed, moving, (1.0, 1.0, 1.0), mask=None, config=SMALL)  # no mask: foreground box
+    truth = fields.exp(v_true)
+    error = torch.sqrt(((result.displacement - truth) ** 2).sum(0))[inside]
+    before = torch.sqrt((truth**2).sum(0))[inside]
+    assert float(before.mean()) > 1.0
+    # the phantom has flat regions where no method can see motion: require 60 % of it recovered
+    assert float(error.mean()) < 0.4 * float(before.mean())
+    assert result.folding_fraction == 0.0
+    assert len(result.history) == sum(SMALL.iterations)
+
+
+def test_mse_similarity_also_registers():
+    fixed = blob_phantom()
+    v_true = known_svf(fixed.shape, 2.0, seed=3)
+    moving = fields.warp(fixed, fields.exp(-v_true))
+    config = SVFRegistrationConfig(**{**SMALL.__dict__, "similarity": "mse"})
+    result = register_svf(fixed, moving, (1.0, 1.0, 1.0), mask=fixed > 0.5, config=config)
+    assert result.similarity < result.initial_similarity  # MSE: lower is better
+
+
+def test_same_seed_gives_bit_identical_results_and_progress_is_reported():
+    fixed = blob_phantom()
+    moving = fields.warp(fixed, fields.exp(-known_svf(fixed.shape, 2.0, seed=5)))
+    calls = []
+    a = register_svf(fixed, moving, (1.0, 1.0, 1.0), config=SMALL, seed=3, progress=lambda f, m: calls.append(f))
+    b = register_svf(fixed, moving, (1.0, 1.0, 1.0), config=SMALL, seed=3)
+    assert torch.equal(a.velocity, b.velocity) and torch.equal(a.warped, b.warped)
+    assert calls and calls[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in calls)
+    assert all(x <= y + 1e-9 for x, y in zip(calls, calls[1:]))
+
+
+def test_anisotropic_images_register_through_sitk_wrapper():
+    fixed_t = blob_phantom((24, 44, 48))
+    v_true = known_svf(fixed_t.shape, 2.0, seed=2)
+    moving_t = fields.warp(fixed_t, fields.exp(-v_true))
+    grid = fields.Grid(size=(48, 44, 24), spacing=(1.0, 1.0, 2.0), origin=(-20.0, 5.0, 3.0), direction=(0, -1, 0, 1, 0, 0, 0, 0, 1))
+    fixed, moving = fields.tensor_to_image(fixed_t, grid), fields.tensor_to_image(moving_t, grid)
+    mask = sitk.Cast(fixed > 0.3, sitk.sitkUInt8)
+    result = register_images(fixed, moving, fixed_mask=mask, config=SMALL)
+    assert result.grid.same_as(grid)
+    assert result.similarity > result.initial_similarity and result.folding_fraction == 0.0
+    inside = fixed_t > 0.3
+    truth = fields.exp(v_true)
+    error = torch.sqrt(((result.displacement - truth) ** 2).sum(0))[inside]
+    assert float(error.mean()) < 0.5 * float(torch.sqrt((truth**2).sum(0))[inside].mean())
+
+
+@pytest.mark.parametrize(
+    "fixed, moving, message",
+    [
+        (torch.zeros(8, 8, 8), torch.rand(8, 8, 8), "constant"),
+        (torch.rand(8, 8, 8), torch.full((8, 8, 8), float("nan")), "NaN"),
+        (torch.rand(8, 8, 8), torch.rand(8, 8, 9), "share one grid"),
+        (torch.rand(8, 8), torch.rand(8, 8), "(Z, Y, X)"),
+    ],
+)
+def test_bad_tensors_are_refused_with_a_reason(fixed, moving, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        register_svf(fixed, moving)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real anatomy (MNI152 2009a from the nilearn wheel)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mni_pair_2mm(mni_dir):
+    images = synthetic.load_mni(mni_dir, 2)
+    return images, synthetic.make_known_pair(images, max_displacement_mm=5.0, smoothness_mm=16.0, seed=0)
+
+
+@pytest.mark.slow
+def test_mni_2mm_known_deformation_is_recovered(mni_pair_2mm):
+    """EPE inside the brain < 0.7 mm, GM/WM Dice >= 0.9, no folding (issue 2 acceptance)."""
+    _, pair = mni_pair_2mm
+    before = synthetic.score(pair, torch.zeros_like(pair.true_displacement))
+    result = register_svf(pair.fixed, pair.moving, pair.spacing, mask=pair.mask)
+    scores = synthetic.score(pair, result.displacement)
+    assert before["epe_mean_mm"] > 1.5  # the problem is not trivial
+    assert scores["epe_mean_mm"] < 0.7
+    assert scores["dice_gm"] >= 0.9 and scores["dice_wm"] >= 0.9
+    assert scores["dice_gm"] > before["dice_gm"] and scores["dice_wm"] > before["dice_wm"]
+    assert scores["folding_fraction"] == 0.0 and result.folding_fraction == 0.0
+    assert result.similarity > result.initial_similarity
+
+
+@pytest.mark.slow
+def test_affine_recovers_a_known_affine_of_the_mni_brain(mni_pair_2mm):
+    images, _ = mni_pair_2mm
+    fixed, mask = images["t1"], images["mask"]
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+    rotation = sitk.Euler3DTransform(centre, np.deg2rad(8), np.deg2rad(-5), np.deg2rad(10), (0, 0, 0))
+    matrix = np.asarray(rotation.GetMatrix()).reshape(3, 3) @ np.diag([1.06, 0.95, 1.02])
+    truth = sitk.AffineTransform(3)
+    truth.SetCenter(centre)
+    truth.SetMatrix(matrix.ravel().tolist())
+    truth.SetTranslation((7.0, -5.0, 4.0))
+    moving = sitk.Resample(fixed, fixed, truth.GetInverse(), sitk.sitkLinear, 0.0)  # moving(T p) = fixed(p)
+    assert transform_error_mm(sitk.AffineTransform(3), truth, fixed, mask).mean() > 8.0
+    estimate = affine_register(fixed, moving, fixed_mask=mask)
+    error = transform_error_mm(estimate, truth, fixed, mask)
+    assert error.mean() < 1.0 and error.max() < 2.0
+    again = affine_register(fixed, moving, fixed_mask=mask)
+    assert again.GetParameters() == estimate.GetParameters()  # deterministic
