@@ -339,6 +339,26 @@ def test_transport_back_along_minus_v_returns_u():
         assert mean_norm(back - u, 8) < 0.05 * mean_norm(there - u, 8)
 
 
+def test_volume_change_follows_the_template_at_corresponding_points():
+    """What the product promises: the subject shrinks/grows where the template did.  For
+    exp(W) = g o exp(u) o g^-1 with g = exp(-v/2), det D exp(W)(x) = det D exp(u)(y) up to the
+    factor det Dg(exp(u) y) / det Dg(y) = 1 + O(|u| |D log det Dg|), y = exp(v/2)(x)."""
+    shape = (32, 32, 32)
+    u, v = fourier_field(shape, 1.0, 16.0, seed=29), fourier_field(shape, 6.0, 48.0, seed=30)
+    template_change = torch.log(fields.jacobian_determinant(tr.accurate_exp(u)))
+    expected = fields.sample_at(template_change, tr.accurate_exp(0.5 * v))
+    margin = 6
+
+    def mismatch(method):
+        phi = tr.transported_displacement(u, v, method)
+        return float(interior((torch.log(fields.jacobian_determinant(phi)) - expected).abs(), margin).mean())
+
+    none = mismatch("none")
+    assert mismatch("half-conjugation") < 0.25 * none
+    assert mismatch("pole") < 0.25 * none
+    assert mismatch("conjugation") > 0.5 * none  # the full conjugate puts the change elsewhere
+
+
 def test_transported_displacement_is_exp_of_the_transported_svf():
     shape = (24, 24, 24)
     u, v = fourier_field(shape, 1.5, 14.0, seed=23), fourier_field(shape, 4.0, 30.0, seed=24)

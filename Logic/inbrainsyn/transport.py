@@ -86,7 +86,9 @@ class BracketWith:
 
     def __init__(self, a: torch.Tensor):
         self.a = a
-        self.jacobian = torch.stack([_component_gradient(a, i) for i in range(3)])  # (3, 3, Z, Y, X)
+        self.jacobian = a.new_empty((3, 3, *a.shape[1:]))  # filled row by row: no stacked copy
+        for i in range(3):
+            self.jacobian[i] = _component_gradient(a, i)
 
     def __call__(self, b: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(b)
@@ -153,7 +155,8 @@ def pole_ladder(u: torch.Tensor, along: torch.Tensor, steps: int | None = None) 
     w = u
     for _ in range(n):
         first = bracket(w)
-        w = w - first + 0.5 * bracket(first)
+        # w - first + 1/2 [s, first], in place on the fresh tensor (u itself is never modified)
+        w = bracket(first).mul_(0.5).sub_(first).add_(w)
     return w
 
 
