@@ -58,6 +58,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--slice-stride", type=int, default=None, help="default: the training stride")
     e.add_argument("--with-inbrainsyn", action="store_true",
                    help="also predict with InBrainSyn (pole ladder) and score it on the same slices")
+    e.add_argument("--inbrainsyn-cache", default=None, help="folder to keep/reuse InBrainSyn's predicted volumes")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=run_evaluate)
@@ -95,6 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
         "origin": list(reference.GetOrigin()), "direction": list(reference.GetDirection()),
         "slice_stride": args.slice_stride, "train_subjects": train_subj, "heldout_subjects": held,
         "data": str(Path(args.data).absolute()), "frames": len(slices), "trained_on": "see MODEL_CARD.md",
+        "age_range": [float(slices.age.min()), float(slices.age.max())],
     }
     with open(out / "split.json", "w") as f:
         json.dump({"train": train_subj, "heldout": held, "seed": args.seed, "data": str(Path(args.data).absolute())}, f, indent=2)
@@ -199,7 +201,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if len(sub_scans) < 2:
             raise InputError(f"subject {subj!r} has fewer than 2 scans in {args.data}")
         print(f"evaluating {subj} ({len(sub_scans) - 1} follow-ups)", flush=True)
-        rows += evaluate_subject(model, sub_scans, masks, reference, stride, with_inbrainsyn=args.with_inbrainsyn)
+        rows += evaluate_subject(model, sub_scans, masks, reference, stride, with_inbrainsyn=args.with_inbrainsyn,
+                                 cache_dir=args.inbrainsyn_cache)
     summary = ev.summarise(rows, list(METHODS) + (["inbrainsyn"] if args.with_inbrainsyn else []))
     table = ev.markdown_table(summary)
     with io.staged_output_dir(args.output, args.overwrite) as stage:

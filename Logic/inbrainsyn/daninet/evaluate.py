@@ -33,11 +33,27 @@ def slice_metrics(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict
     return {"psnr": ev.psnr(p, t, mask), "ssim": ev.ssim(p, t, mask), "mae": float(np.mean(np.abs(p[mask] - t[mask])))}
 
 
-def inbrainsyn_predictions(scans: list[Scan], transport_method: str = "pole") -> dict[str, np.ndarray]:
+def inbrainsyn_predictions(scans: list[Scan], transport_method: str = "pole", cache_dir=None) -> dict[str, np.ndarray]:
     """InBrainSyn's predicted follow-up volumes (Z, Y, X) for one subject, keyed by follow-up path.
 
     Same steps as ``inbrainsyn evaluate`` (template-to-subject registration, cohort ageing SVF
-    transported along v, applied to the subject's native grid)."""
+    transported along v, applied to the subject's native grid). With ``cache_dir`` the predictions
+    are stored there (``<subject>_age<T>.nii.gz``) and reused by later runs."""
+    from pathlib import Path
+
+    scans = sorted(scans, key=lambda s: s.age)
+    if cache_dir is not None:
+        names = {str(fu.path): Path(cache_dir) / f"{fu.subject}_age{fu.age:05.1f}.nii.gz" for fu in scans[1:]}
+        if all(p.is_file() for p in names.values()):
+            return {k: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for k, p in names.items()}
+        out = inbrainsyn_predictions(scans, transport_method)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        reference = sitk.ReadImage(str(scans[0].path))
+        for key, arr in out.items():
+            img = sitk.GetImageFromArray(arr)
+            img.CopyInformation(reference)
+            sitk.WriteImage(img, str(names[key]))
+        return out
     from inbrainsyn import fields, io
     from inbrainsyn.synthesis import (NativeMapper, SynthesisRequest, cohort_ageing_svf, register_subject,
                                       resample_native)
@@ -70,7 +86,7 @@ def inbrainsyn_predictions(scans: list[Scan], transport_method: str = "pole") ->
 
 @torch.no_grad()
 def evaluate_subject(model: DaniNet, scans: list[Scan], masks: dict[str, str | None], reference: sitk.Image,
-                     stride: int, methods=METHODS, with_inbrainsyn: bool = False) -> list[dict]:
+                     stride: int, methods=METHODS, with_inbrainsyn: bool = False, cache_dir=None) -> list[dict]:
     """Rows (subject, age_from, age_to, method, psnr, ssim, mae, dice=nan, slices) for one subject."""
     scans = sorted(scans, key=lambda s: s.age)
     base = scans[0]
@@ -85,7 +101,7 @@ def evaluate_subject(model: DaniNet, scans: list[Scan], masks: dict[str, str | N
     methods = list(methods)
     volumes = {}
     if with_inbrainsyn:
-        volumes = inbrainsyn_predictions(scans)
+        volumes = inbrainsyn_predictions(scans, cache_dir=cache_dir)
         methods.append("inbrainsyn")
     rows = []
     for fu in scans[1:]:
