@@ -124,26 +124,11 @@ def affine_parts(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(columns, axis=1), origin
 
 
-def _grid_points_mm(grid: fields.Grid, device, dtype=torch.float64) -> torch.Tensor:
-    """Physical coordinates ``(Z, Y, X, 3)`` (LPS mm) of a grid's voxel centres."""
-    idx = fields.voxel_coordinates(grid.shape, device, dtype)  # (3, Z, Y, X), (x, y, z)
-    m = torch.as_tensor(grid.index_to_physical, device=device, dtype=dtype)
-    o = torch.as_tensor(grid.origin, device=device, dtype=dtype)
-    return torch.einsum("ij,j...->...i", m, idx) + o
-
-
-def _mm_to_index(points: torch.Tensor, grid: fields.Grid) -> torch.Tensor:
-    """Physical points ``(..., 3)`` -> continuous voxel indices ``(..., 3)`` (x, y, z) of ``grid``."""
-    inv = torch.as_tensor(np.linalg.inv(grid.index_to_physical), device=points.device, dtype=points.dtype)
-    o = torch.as_tensor(grid.origin, device=points.device, dtype=points.dtype)
-    return torch.einsum("ij,...j->...i", inv, points - o)
-
-
 def _sample_volume(values: torch.Tensor, index_points: torch.Tensor, mode="bilinear", padding="zeros") -> torch.Tensor:
-    """Sample ``(C, Z, Y, X)`` at continuous voxel indices ``(Zo, Yo, Xo, 3)``: returns ``(C, Zo, Yo, Xo)``."""
+    """Sample ``(C, Z, Y, X)`` at continuous voxel indices ``(3, Zo, Yo, Xo)`` (x, y, z): returns ``(C, Zo, Yo, Xo)``."""
     nz, ny, nx = values.shape[1:]
-    scale = torch.tensor([2.0 / (nx - 1), 2.0 / (ny - 1), 2.0 / (nz - 1)], dtype=index_points.dtype, device=index_points.device)
-    grid = (index_points * scale - 1.0).unsqueeze(0).to(values.dtype)
+    scale = torch.tensor([2.0 / (nx - 1), 2.0 / (ny - 1), 2.0 / (nz - 1)], dtype=values.dtype, device=values.device)
+    grid = (index_points.to(values.dtype) * scale.view(3, 1, 1, 1) - 1.0).permute(1, 2, 3, 0).unsqueeze(0)
     return F.grid_sample(values.unsqueeze(0), grid, mode=mode, padding_mode=padding, align_corners=True)[0]
 
 
@@ -152,8 +137,11 @@ class NativeMapper:
     """Carries template-space transforms onto the input's own grid through the affine ``A``.
 
     ``A`` maps template physical points to input physical points (ITK registration convention), so a
-    template-space pull-back map ``psi`` becomes ``A o psi o A^-1`` on the input grid.  Work is done
-    in slabs of ``chunk_slices`` native slices to bound memory on large inputs.
+    template-space pull-back map ``psi = id + d`` becomes ``A o psi o A^-1`` on the input grid.
+    Since ``A^-1`` composed with the two grids' index-to-physical maps is affine, a native voxel
+    index ``i`` lands at template index ``q = K i + k0``; and because ``A(q + d) - A(q) = M d``,
+    the native displacement is ``M d_mm(q)`` -- no per-voxel physical coordinates are needed.
+    Work is done in slabs of ``chunk_slices`` native slices to bound memory.
     """
 
     native_grid: fields.Grid
@@ -161,17 +149,29 @@ class NativeMapper:
     matrix: np.ndarray  # A(p) = matrix @ p + offset
     offset: np.ndarray
     device: torch.device
-    chunk_slices: int = 32
+    chunk_slices: int = 48
+
+    def _index_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K, k0)``: template index ``q = K i + k0`` of native index ``i`` (both (x, y, z))."""
+        m_inv = np.linalg.inv(self.matrix)
+        to_template_index = np.linalg.inv(self.template_grid.index_to_physical)
+        k = to_template_index @ m_inv @ self.native_grid.index_to_physical
+        k0 = to_template_index @ (m_inv @ (np.asarray(self.native_grid.origin) - self.offset) - np.asarray(self.template_grid.origin))
+        as_t = lambda a: torch.as_tensor(a, device=self.device, dtype=torch.float32)  # noqa: E731
+        return as_t(k), as_t(k0)
 
     def _slabs(self):
-        """Yield ``(z0, p, q)``: native points p and ``A^-1 p`` (mm, ``(z, Y, X, 3)``) slab by slab."""
-        dev, dt = self.device, torch.float64
-        m_inv = torch.linalg.inv(torch.as_tensor(self.matrix, device=dev, dtype=dt))
-        t = torch.as_tensor(self.offset, device=dev, dtype=dt)
-        points = _grid_points_mm(self.native_grid, dev, dt)
-        for z0 in range(0, points.shape[0], self.chunk_slices):
-            p = points[z0 : z0 + self.chunk_slices]
-            yield z0, p, torch.einsum("ij,...j->...i", m_inv, p - t)
+        """Yield ``(z0, q)``: template indices ``(3, z, Y, X)`` of each slab of native voxels."""
+        k, k0 = self._index_map()
+        nz, ny, nx = self.native_grid.shape
+        y, x = torch.meshgrid(torch.arange(ny, device=self.device, dtype=torch.float32),
+                              torch.arange(nx, device=self.device, dtype=torch.float32), indexing="ij")
+        for z0 in range(0, nz, self.chunk_slices):
+            z = torch.arange(z0, min(z0 + self.chunk_slices, nz), device=self.device, dtype=torch.float32)
+            # q = K [x, y, z] + k0, built from rank-one pieces (no (3, z, Y, X) index tensor needed)
+            q = (k[:, 0].view(3, 1, 1, 1) * x + k[:, 1].view(3, 1, 1, 1) * y
+                 + k[:, 2].view(3, 1, 1, 1) * z.view(1, -1, 1, 1) + k0.view(3, 1, 1, 1))
+            yield z0, q
 
     def native_map(self, template_displacement: torch.Tensor) -> np.ndarray:
         """Physical displacement ``(Z, Y, X, 3)`` mm on the native grid of ``A o (id + d) o A^-1``.
@@ -179,17 +179,12 @@ class NativeMapper:
         ``template_displacement``: ``(3, Zt, Yt, Xt)`` voxel units of the template grid; outside
         the template grid it is taken as zero (no deformation there).
         """
-        dt = torch.float64
-        m = torch.as_tensor(self.matrix, device=self.device, dtype=dt)
-        t = torch.as_tensor(self.offset, device=self.device, dtype=dt)
-        disp_mm = torch.as_tensor(
-            fields.field_to_physical(template_displacement, self.template_grid), device=self.device, dtype=torch.float32
-        ).permute(3, 0, 1, 2)
+        to_native_mm = torch.as_tensor(self.matrix @ self.template_grid.index_to_physical, device=self.device, dtype=torch.float32)
+        disp = template_displacement.to(self.device, torch.float32)
         out = np.empty((*self.native_grid.shape, 3), dtype=np.float32)
-        for z0, p, q in self._slabs():
-            d = _sample_volume(disp_mm, _mm_to_index(q, self.template_grid)).permute(1, 2, 3, 0).to(dt)
-            mapped = torch.einsum("ij,...j->...i", m, q + d) + t  # A(q + d(q))
-            out[z0 : z0 + p.shape[0]] = (mapped - p).cpu().numpy()
+        for z0, q in self._slabs():
+            d = _sample_volume(disp, q)
+            out[z0 : z0 + q.shape[1]] = torch.einsum("ij,j...->...i", to_native_mm, d).cpu().numpy()
         return out
 
     def pull_template(
@@ -203,11 +198,10 @@ class NativeMapper:
         values = (template_values.to(self.device, torch.float32) - fill).unsqueeze(0)
         disp = None if template_displacement is None else template_displacement.to(self.device, torch.float32)
         out = np.empty(self.native_grid.shape, dtype=np.float32)
-        for z0, p, q in self._slabs():
-            idx = _mm_to_index(q, self.template_grid)
+        for z0, q in self._slabs():
             if disp is not None:
-                idx = idx + _sample_volume(disp, idx).permute(1, 2, 3, 0).to(idx.dtype)
-            out[z0 : z0 + p.shape[0]] = (_sample_volume(values, idx, mode)[0] + fill).cpu().numpy()
+                q = q + _sample_volume(disp, q)
+            out[z0 : z0 + q.shape[1]] = (_sample_volume(values, q, mode)[0] + fill).cpu().numpy()
         return out
 
 
@@ -325,6 +319,10 @@ def transported_ageing(subject: SubjectInTemplateSpace, request: SynthesisReques
 
 
 def _image_like(array: np.ndarray, reference: sitk.Image, pixel_type=sitk.sitkFloat32) -> sitk.Image:
+    """A numpy ``(Z, Y, X)`` array as an image on ``reference``'s grid; integer types are rounded."""
+    array = np.asarray(array, dtype=np.float32)
+    if pixel_type != sitk.sitkFloat32:
+        array = np.rint(array)
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(reference)
     return sitk.Cast(image, pixel_type)
