@@ -58,13 +58,16 @@ def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: P
 
     base_img = sitk.ReadImage(str(folder / baseline["path"]))
     mask_out = next((o for o in outputs if o["kind"] == "mask"), None)
-    centre = None
+    centre, mask_img = None, None
     if mask_out is not None:
+        mask_img = sitk.Cast(sitk.ReadImage(str(folder / mask_out["path"])), sitk.sitkUInt8)
         stats = sitk.LabelShapeStatisticsImageFilter()
-        stats.Execute(sitk.Cast(sitk.ReadImage(str(folder / mask_out["path"])), sitk.sitkUInt8))
+        stats.Execute(mask_img)
         if stats.HasLabel(1):
             centre = stats.GetCentroid(1)
     base_slices, aspects = _orthogonal_slices(base_img, centre)
+    # overlays are shown inside the brain only (outside, the maps are not meaningful)
+    mask_slices = _orthogonal_slices(mask_img, centre)[0] if mask_img is not None else [np.ones_like(x) for x in base_slices]
     vmax = float(np.percentile(sitk.GetArrayViewFromImage(base_img), 99.5))
 
     columns = 1 + len(synthetic)
@@ -89,7 +92,8 @@ def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: P
             ax = fig.add_subplot(grid[3, col])
             ax.imshow(base_slices[0], cmap="gray", vmin=0, vmax=vmax, aspect=aspects[0])
             lim = max(1e-6, float(np.percentile(np.abs(diff_slices[0]), 99.5)))
-            ax.imshow(np.ma.masked_where(np.abs(diff_slices[0]) < 0.05 * lim, diff_slices[0]), cmap="coolwarm", vmin=-lim, vmax=lim, alpha=0.8, aspect=aspects[0])
+            hidden = (np.abs(diff_slices[0]) < 0.05 * lim) | (mask_slices[0] == 0)
+            ax.imshow(np.ma.masked_where(hidden, diff_slices[0]), cmap="coolwarm", vmin=-lim, vmax=lim, alpha=0.8, aspect=aspects[0])
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title("difference (axial)", fontsize=8)
@@ -97,12 +101,13 @@ def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: P
             ax = fig.add_subplot(grid[4, col])
             ax.imshow(base_slices[1], cmap="gray", vmin=0, vmax=vmax, aspect=aspects[1])
             jac = jac_slices[1]
-            shown = ax.imshow(np.ma.masked_where(np.abs(jac - 1) < 0.01, jac), cmap="RdBu", vmin=0.7, vmax=1.3, alpha=0.85, aspect=aspects[1])
+            hidden = (np.abs(jac - 1) < 0.01) | (mask_slices[1] == 0)
+            shown = ax.imshow(np.ma.masked_where(hidden, jac), cmap="RdBu", vmin=0.7, vmax=1.3, alpha=0.85, aspect=aspects[1])
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title("volume ratio (coronal)", fontsize=8)
     if synthetic:
-        cbar_ax = fig.add_axes([0.02, 0.03, 0.12, 0.01])
+        cbar_ax = fig.add_axes([0.03, 0.05, 0.12, 0.01])
         fig.colorbar(shown, cax=cbar_ax, orientation="horizontal", label="future / baseline volume")
 
     ages = [row["age"] for row in volumes]
@@ -118,7 +123,7 @@ def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: P
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title + "\nSynthetic images: a model-based prediction, not a diagnosis.", fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.08, top=0.92, wspace=0.15, hspace=0.25)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=90, format="png")
