@@ -300,9 +300,9 @@ def test_conjugation_reproduces_the_older_template_seen_through_v():
 
 
 def test_pole_ladder_matches_half_conjugation_on_smooth_fields_and_improves_with_steps():
-    shape = (40, 40, 40)
+    shape = (32, 32, 32)
     u = fourier_field(shape, 2.0, 20.0, seed=17)
-    v = fourier_field(shape, 10.0, 64.0, seed=18)  # |Dv| < 1: a plausible diffeomorphism
+    v = fourier_field(shape, 8.0, 56.0, seed=18)  # |Dv| < 1: a plausible diffeomorphism
     reference = tr.conjugate(u, v, 0.5)
     margin = 6
     correction = mean_norm(reference - u, margin)
@@ -316,13 +316,13 @@ def test_pole_ladder_matches_half_conjugation_on_smooth_fields_and_improves_with
 
 
 def test_schild_ladder_converges_towards_the_pole_ladder_target():
-    shape = (32, 32, 32)
+    shape = (28, 28, 28)
     u = fourier_field(shape, 1.5, 16.0, seed=19)
     v = fourier_field(shape, 6.0, 48.0, seed=20)
     reference = tr.conjugate(u, v, 0.5)
     margin = 5
     correction = mean_norm(reference - u, margin)
-    errors = [mean_norm(tr.schild_ladder(u, v, n) - reference, margin) for n in (1, 4, 16)]
+    errors = [mean_norm(tr.schild_ladder(u, v, n) - reference, margin) for n in (1, 3, 9)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.1 * correction
     pole = mean_norm(tr.pole_ladder(u, v, 4) - reference, margin)
