@@ -17,6 +17,9 @@ from inbrainsyn.templates.bank import load_bank
 
 SPACING = 3.0  # mm: keeps each subject to a few seconds
 
+# every test below but the argument checks shares one 3-subject phantom (about a minute of CPU)
+slow = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def bank():
@@ -34,6 +37,7 @@ def _array(path):
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
+@slow
 def test_phantom_writes_cohort_csv_images_labels_and_masks(phantom):
     with open(phantom / "cohort.csv", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -60,11 +64,13 @@ def test_phantom_writes_cohort_csv_images_labels_and_masks(phantom):
         assert np.allclose(np.diff(subject_ages), 3.0, atol=0.11)
 
 
+@slow
 def test_converter_transition_lies_between_baseline_and_last_followup(phantom):
     rows = [r for r in read_cohort(phantom) if r["group"] == "HC->AD"]
     assert rows[0]["age"] < rows[0]["transition_age"] < rows[-1]["age"]
 
 
+@slow
 def test_followups_differ_from_baseline_as_prescribed(phantom, bank):
     """True volumes (partial-volume maps) of each follow-up match the model solved on the subject (10 %),
     and the written label maps move the same way."""
@@ -79,7 +85,9 @@ def test_followups_differ_from_baseline_as_prescribed(phantom, bank):
             assert scan["min_jacobian"] > 0
             for region, summary in summary_of.items():
                 measured = math.log(scan["volumes_ml"][summary] / base_volumes[summary])
-                assert abs(measured - goals[region]) <= 0.10 * abs(goals[region]), (subject["subject"], region, measured, goals[region])
+                # 10 %; the amygdala has ~130 voxels at this test's 3 mm spacing, so 20 % there
+                tolerance = 0.20 if region == "amygdala" else 0.10
+                assert abs(measured - goals[region]) <= tolerance * abs(goals[region]), (subject["subject"], region, measured, goals[region])
             assert goals["hippocampus"] < 0 and goals["lateral_ventricles"] > 0
         last = subject["scans"][-1]
         base = np.bincount(_array(folder / f"{subject['subject']}_scan-0_labels.nii.gz").ravel(), minlength=8)
@@ -93,6 +101,7 @@ def test_followups_differ_from_baseline_as_prescribed(phantom, bank):
         assert np.abs(img1 - img0).mean() > 1.0
 
 
+@slow
 def test_ad_subjects_change_more_than_hc_subjects(phantom):
     info = json.loads((phantom / "phantom.json").read_text())
     by_group = {s["group"]: s for s in info["subjects"]}
@@ -103,6 +112,7 @@ def test_ad_subjects_change_more_than_hc_subjects(phantom):
     assert ad["lateral_ventricles"] > hc["lateral_ventricles"]
 
 
+@slow
 def test_phantom_is_deterministic_for_a_seed(tmp_path, bank, phantom):
     config = PhantomConfig(subjects=1, seed=7, spacing=SPACING, followup_years=(3.0, 6.0))
     again = make_phantom(tmp_path / "again", config, bank=bank, log=lambda *_: None)
@@ -114,6 +124,7 @@ def test_phantom_is_deterministic_for_a_seed(tmp_path, bank, phantom):
                               _array(phantom / "sub-000" / "sub-000_scan-0_T1w.nii.gz"))
 
 
+@slow
 def test_subjects_differ_anatomically_by_several_mm(phantom):
     """The inter-subject deformation is visible: the brain masks of two subjects disagree."""
     a = _array(phantom / "sub-000" / "sub-000_scan-0_mask.nii.gz") > 0

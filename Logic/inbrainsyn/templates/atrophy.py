@@ -312,17 +312,22 @@ def balance_goals(volumes: dict[str, float], prescribed: dict[str, float], balan
 DEEP_CSF = "csf_deep"
 DEEP_CSF_DEPTH_MM = (8.0, 14.0)  # CSF deeper than this (ramp) grows like the ventricles
 DEEP_CSF_FOLLOWS = "lateral_ventricles"
+# Deep CSF grows at half the ventricles' log-rate (assumption): the third ventricle and cisterns do
+# enlarge with age, but the blurred midline CSF of an average template overstates their volume
+# (~33 mL in MNI152 2009a), and a full ventricular rate inflates it into a central blob.
+DEEP_CSF_FRACTION = 0.5
 
 
 def split_deep_csf(maps: torch.Tensor, names: list[str], prescribed: dict[str, float], spacing_zyx,
                    balance_region: str) -> tuple[torch.Tensor, list[str], dict[str, float]]:
-    """Split the balancing CSF into outer CSF (balance) and deep CSF that grows like the ventricles.
+    """Split the balancing CSF into outer CSF (balance) and deep CSF that grows with the ventricles.
 
     Deep CSF spaces (3rd ventricle, cisterns, temporal horns) enlarge with the ventricles; if they
-    took up the brain's loss like the thin outer CSF they would balloon and push the lateral
-    ventricles apart.  The weight of a CSF voxel in the deep part ramps from 0 to 1 between
+    took up the brain's loss like the outer CSF they would balloon and push the lateral ventricles
+    apart.  The weight of a CSF voxel in the deep part ramps from 0 to 1 between
     :data:`DEEP_CSF_DEPTH_MM` of depth below the intracranial surface.  The deep part gets the
-    ventricles' log-volume goal; the outer part keeps the intracranial volume constant.
+    ventricles' log-volume goal times :data:`DEEP_CSF_FRACTION`; the outer part keeps the
+    intracranial volume constant.
     """
     if balance_region not in names or DEEP_CSF_FOLLOWS not in prescribed or DEEP_CSF in names:
         return maps, names, prescribed
@@ -336,7 +341,7 @@ def split_deep_csf(maps: torch.Tensor, names: list[str], prescribed: dict[str, f
         return maps, names, prescribed
     maps = torch.cat([maps, deep[None]])
     maps[csf_index] = maps[csf_index] - deep
-    prescribed[DEEP_CSF] = prescribed[DEEP_CSF_FOLLOWS]
+    prescribed[DEEP_CSF] = DEEP_CSF_FRACTION * prescribed[DEEP_CSF_FOLLOWS]
     return maps, names + [DEEP_CSF], prescribed
 
 
