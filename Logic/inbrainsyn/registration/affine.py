@@ -5,7 +5,7 @@ Transforms follow ITK: they map **fixed physical points to moving physical point
 ``sitk.Resample(moving, fixed, transform)`` gives the moving image on the fixed grid.
 
 Pipeline (all stages Mattes mutual information, so it tolerates different intensity scalings and
-skull/no skull; multi-resolution shrink 4-2-1 with Gaussian smoothing in mm):
+skull/no skull; multi-resolution levels at about 8, 4 and 2 mm with Gaussian smoothing in mm):
 
 1. initialisation: centres of mass (image moments) aligned -- a translation;
 2. rigid (6 dof, ``Euler3DTransform``);
@@ -32,7 +32,10 @@ class AffineConfig:
 
     histogram_bins: int = 32
     sampling_fraction: float = 0.1  # fraction of fixed voxels used by the metric (random, seeded)
-    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    # resolution of each level in mm (shrink factor = level / voxel size, at least 1): an affine map
+    # is fixed by coarse structure, so 2 mm is the finest level even for a 1 mm scan (8x cheaper)
+    level_spacings_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
+    shrink_factors: tuple[int, ...] | None = None  # explicit shrink factors (override level_spacings_mm)
     smoothing_mm: tuple[float, ...] = (4.0, 2.0, 1.0)
     rigid_iterations: int = 200
     affine_iterations: int = 200
@@ -57,6 +60,14 @@ def initial_translation(fixed: sitk.Image, moving: sitk.Image, mode: str = "mome
     return sitk.Euler3DTransform(transform)
 
 
+def shrink_factors(config: AffineConfig, fixed: sitk.Image) -> tuple[int, ...]:
+    """Shrink factor per level: explicit, or level resolution / finest voxel size (at least 1)."""
+    if config.shrink_factors is not None:
+        return tuple(int(f) for f in config.shrink_factors)
+    voxel = min(fixed.GetSpacing())
+    return tuple(max(1, int(round(level / voxel))) for level in config.level_spacings_mm)
+
+
 def _run(fixed, moving, transform, config: AffineConfig, iterations: int, fixed_mask, moving_mask, seed: int):
     """One multi-resolution Mattes-MI stage optimising ``transform`` in place."""
     method = sitk.ImageRegistrationMethod()
@@ -73,7 +84,7 @@ def _run(fixed, moving, transform, config: AffineConfig, iterations: int, fixed_
         learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6
     )
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(list(config.shrink_factors))
+    method.SetShrinkFactorsPerLevel(list(shrink_factors(config, fixed)))
     method.SetSmoothingSigmasPerLevel(list(config.smoothing_mm))
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(transform, inPlace=True)
