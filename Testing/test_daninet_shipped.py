@@ -22,10 +22,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def template_volume(model):
-    """The shipped bank's HC template at 70 y: a real brain on the model's template grid."""
+    """The shipped bank's HC template at 75 y: a real brain on the model's template grid."""
     from inbrainsyn.templates import load_bank
 
-    image = load_bank(None).template("HC", 70.0)
+    image = load_bank(None).template("HC", 75.0)  # a listed age: no interpolation
     assert tuple(reversed(image.GetSize())) == tuple(model.meta["grid_size_zyx"])
     return image
 
@@ -63,16 +63,21 @@ def test_a_different_age_or_diagnosis_changes_the_output(model, template_volume)
 
 
 def test_shipped_model_darkens_with_age(model, template_volume):
-    """L_vox asks voxels to only darken forward in time: the brain's mean intensity must fall
-    from bin to bin, and few brain voxels may brighten between the youngest and oldest bins."""
-    k = mid_slice(model)
-    frame, brain = brain_frame(model, template_volume, k)
-    for dx in (0, 3):
-        g = bin_outputs(model, frame, dx, k)[:, 0]
-        means = np.array([float(g[b][brain].mean()) for b in range(cond.N_AGE_BINS)])
-        assert np.all(np.diff(means) <= 1e-4), f"class {dx}: brain mean not decreasing with age {means}"
-        brighter = float(((g[-1] - g[0]) > 0.02)[brain].float().mean())
-        assert brighter < 0.10, f"class {dx}: {brighter:.1%} of brain pixels brighten by > 1% from 57 to 93 y"
+    """L_vox asks voxels to only darken forward in time. Over the age bins the training data
+    cover (L_vox and L_def only constrain those), the brain's mean intensity must fall from bin
+    to bin, and few brain voxels may brighten between the first and last covered bins."""
+    lo_age, hi_age = model.meta["age_range"]
+    first, last = cond.age_bin(lo_age), cond.age_bin(hi_age)
+    assert last - first >= 3, "the shipped model should cover at least 4 age bins"
+    for k in (model.cfg.slice_band[0] + 3, mid_slice(model), model.cfg.slice_band[1] - 3):
+        frame, brain = brain_frame(model, template_volume, k)
+        for dx in (0, 3):
+            g = bin_outputs(model, frame, dx, k)[first:last + 1, 0]
+            means = np.array([float(gb[brain].mean()) for gb in g])
+            assert np.all(np.diff(means) <= 1e-4), f"slice {k}, class {dx}: brain mean not decreasing {means}"
+            # 0.02 in [-1, 1] units = 1% of the intensity range: above the generator's texture noise
+            brighter = float(((g[-1] - g[0]) > 0.02)[brain].float().mean())
+            assert brighter < 0.10, f"slice {k}, class {dx}: {brighter:.1%} of brain pixels brighten with age"
 
 
 def test_preview_slices_predicts_each_target_on_the_slice_grid(model, template_volume):
@@ -102,8 +107,8 @@ def test_preview_accepts_an_array_in_scanner_units(model, template_volume):
 def test_test_time_transfer_fine_tunes_a_copy(model, template_volume):
     k = mid_slice(model)
     before = {n: p.clone() for n, p in model.G.named_parameters()}
-    out = preview_slices(template_volume, k, 70.0, "HC", [80], finetune_steps=2)
-    assert out["finetune_steps"] == 2 and out["predictions"][0].shape == out["baseline"].shape
+    out = preview_slices(template_volume, k, 70.0, "HC", [80], finetune_steps=1)
+    assert out["finetune_steps"] == 1 and out["predictions"][0].shape == out["baseline"].shape
     for n, p in model.G.named_parameters():  # the cached shipped model is untouched
         torch.testing.assert_close(p, before[n])
 
