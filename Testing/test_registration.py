@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import smooth_random_field
 from inbrainsyn import fields
 from inbrainsyn.registration import (
+    AffineConfig,
     SVFRegistrationConfig,
     affine_register,
     register_images,
@@ -249,5 +250,7 @@ def test_affine_recovers_a_known_affine_of_the_mni_brain(mni_pair_2mm):
     estimate = affine_register(fixed, moving, fixed_mask=mask)
     error = transform_error_mm(estimate, truth, fixed, mask)
     assert error.mean() < 1.0 and error.max() < 2.0
-    again = affine_register(fixed, moving, fixed_mask=mask)
-    assert again.GetParameters() == estimate.GetParameters()  # deterministic
+    # deterministic: a short run (coarse levels only, few iterations) twice gives identical numbers
+    quick = AffineConfig(level_spacings_mm=(8.0, 4.0), smoothing_mm=(4.0, 2.0), rigid_iterations=20, affine_iterations=20)
+    first = affine_register(fixed, moving, fixed_mask=mask, config=quick)
+    assert affine_register(fixed, moving, fixed_mask=mask, config=quick).GetParameters() == first.GetParameters()
