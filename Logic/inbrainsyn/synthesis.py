@@ -35,10 +35,6 @@ from inbrainsyn.progress import Reporter
 COHORTS = ("HC", "AD")
 TRANSPORT_METHODS = ("pole", "schild", "conjugation", "half-conjugation", "none")
 
-# The SVF registration that follows absorbs residual misalignment of a few mm, so the affine stops
-# at the 2 mm level (the 1 mm level costs most of the time and changes the result by < 0.5 mm).
-PIPELINE_AFFINE_SETTINGS = dict(shrink_factors=(4, 2), smoothing_mm=(4.0, 2.0), rigid_iterations=150, affine_iterations=150)
-
 # Below this local NCC between template and subject after registration, we assume no brain was found.
 MIN_BRAIN_SIMILARITY = 0.25
 
@@ -255,9 +251,7 @@ def register_subject(
     reporter: Reporter,
 ) -> SubjectInTemplateSpace:
     """Affine then SVF registration of the bank template at the subject's age onto the subject."""
-    from inbrainsyn.registration import AffineConfig, affine_register, register_svf
-
-    affine_config = AffineConfig(**PIPELINE_AFFINE_SETTINGS)
+    from inbrainsyn.registration import affine_register, register_svf
 
     template = bank.template(request.cohort, request.age)
     brain_mask = bank.mask
@@ -266,7 +260,7 @@ def register_subject(
     # The template's (dilated) brain mask restricts the metric to the brain, so skull and neck in
     # the input do not pull the alignment.
     transform = affine_register(
-        template, normalised, fixed_mask=dilate_mask(brain_mask, 10.0), config=affine_config, seed=request.seed
+        template, normalised, fixed_mask=dilate_mask(brain_mask, 10.0), seed=request.seed
     )
     matrix, offset = affine_parts(transform)
 

@@ -30,7 +30,7 @@ def demo_subject() -> tuple[Path, dict]:
     """The shipped demo scan and its description (age, provenance)."""
     from inbrainsyn.paths import resource_path
 
-    info_path = resource_path("demo", "demo.json")
+    info_path = resource_path("demo", "subject.json")
     if not info_path.exists():
         raise InputError(f"the demo subject is missing from this installation ({info_path}); reinstall inbrainsyn")
     info = json.loads(info_path.read_text())
