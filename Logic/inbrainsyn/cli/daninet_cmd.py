@@ -204,7 +204,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         rows += evaluate_subject(model, sub_scans, masks, reference, stride, with_inbrainsyn=args.with_inbrainsyn,
                                  cache_dir=args.inbrainsyn_cache)
     summary = ev.summarise(rows, list(METHODS) + (["inbrainsyn"] if args.with_inbrainsyn else []))
-    table = ev.markdown_table(summary)
+    table = ev.markdown_table(summary).replace("nan ± nan", "n/a (2D)")
     with io.staged_output_dir(args.output, args.overwrite) as stage:
         with open(stage / "metrics.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
