@@ -123,7 +123,8 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
     """Predict every follow-up of one subject with every method; one row per (follow-up, method)."""
     from inbrainsyn.registration import register_svf
     from inbrainsyn.synthesis import NativeMapper, SynthesisRequest, cohort_ageing_svf, register_subject, resample_native
-    from inbrainsyn.transport import accurate_exp, transport
+    from inbrainsyn.synthesis import transport_on_coarse_grid
+    from inbrainsyn.transport import accurate_exp
 
     baseline, follow_ups = scans[0], scans[1:]
     cohort = "HC" if baseline.group.upper().startswith("HC") else "AD"
@@ -156,7 +157,7 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
                 pred = _clamped(resample_native(subject, mapper.native_map(disp), sitk.sitkBSpline), low, high)
                 pred_labels = _labels_like(mapper.pull_template(labels_t, fields.compose(registered.displacement, disp)), subject)
             else:
-                w = u if method == "untransported" else transport(u, along=v, method=method)
+                w = u if method == "untransported" else transport_on_coarse_grid(u, v, method, request.transport_coarsening)
                 disp = accurate_exp(w).cpu()
                 pred = _clamped(resample_native(subject, mapper.native_map(disp), sitk.sitkBSpline), low, high)
                 pred_labels = _labels_like(mapper.pull_template(labels_t, fields.compose(registered.displacement, disp)), subject)

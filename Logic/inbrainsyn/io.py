@@ -150,9 +150,12 @@ def atomic_path(path: str | os.PathLike):
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write atomically: to a temporary file in the same folder, then rename over ``path``."""
+    """Write atomically: to a temporary file in the same folder, then rename over ``path``.
+
+    Compression level 1: files ~10% larger than the default level but written several times faster.
+    """
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress)
+        sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
     return Path(path)
 
 
