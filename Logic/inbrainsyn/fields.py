@@ -28,6 +28,7 @@ Boundary handling: fields and images are sampled with border replication outside
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -120,15 +121,23 @@ def voxel_coordinates(shape: tuple[int, int, int], device=None, dtype=torch.floa
     return torch.stack((x, y, z))
 
 
-def _normalised_sampling_grid(points: torch.Tensor) -> torch.Tensor:
-    """Voxel points ``(3, Z, Y, X)`` (x, y, z) -> ``grid_sample`` grid ``(1, Z, Y, X, 3)`` in [-1, 1]."""
-    nz, ny, nx = points.shape[1:]
-    scale = torch.tensor(
-        [2.0 / max(nx - 1, 1), 2.0 / max(ny - 1, 1), 2.0 / max(nz - 1, 1)],
-        device=points.device,
-        dtype=points.dtype,
-    ).view(3, 1, 1, 1)
-    return (points * scale - 1.0).permute(1, 2, 3, 0).unsqueeze(0)
+def _index_scale(shape, device, dtype) -> torch.Tensor:
+    """Per-axis factors ``2 / (n - 1)`` mapping voxel units (x, y, z) to ``grid_sample``'s [-1, 1]."""
+    nz, ny, nx = shape
+    return torch.tensor(
+        [2.0 / max(nx - 1, 1), 2.0 / max(ny - 1, 1), 2.0 / max(nz - 1, 1)], device=device, dtype=dtype
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _identity_sampling_grid(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Identity map as a ``grid_sample`` grid ``(1, Z, Y, X, 3)`` in [-1, 1].
+
+    Cached (a few grids of the shapes in use): rebuilding it on every warp cost a quarter of the time
+    of a scaling-and-squaring exponential.  The cached tensor is never modified in place.
+    """
+    points = voxel_coordinates(shape, device, dtype).permute(1, 2, 3, 0)
+    return (points * _index_scale(shape, device, dtype) - 1.0).unsqueeze(0)
 
 
 def sample_at(values: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -141,10 +150,14 @@ def sample_at(values: torch.Tensor, displacement: torch.Tensor, mode: str = "bil
     """
     squeeze = values.dim() == 3
     vals = values.unsqueeze(0) if squeeze else values
-    points = voxel_coordinates(displacement.shape[1:], displacement.device, displacement.dtype) + displacement
+    shape = tuple(displacement.shape[1:])
+    scale = _index_scale(shape, displacement.device, displacement.dtype)
+    grid = _identity_sampling_grid(shape, displacement.device, displacement.dtype) + (
+        displacement.permute(1, 2, 3, 0) * scale
+    ).unsqueeze(0)
     out = F.grid_sample(
         vals.unsqueeze(0).to(displacement.dtype),
-        _normalised_sampling_grid(points),
+        grid,
         mode=mode,
         padding_mode="border",
         align_corners=True,
