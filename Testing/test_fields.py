@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import smooth_random_field
+from synthetic_fields import smooth_random_field
 from inbrainsyn import fields
 
 

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from conftest import smooth_random_field
+from synthetic_fields import smooth_random_field
 from inbrainsyn import fields
 from inbrainsyn.registration import (
     AffineConfig,

@@ -261,7 +261,7 @@ def test_tiny_bank_loads_and_interpolates_linearly_without_ageing_fields(tmp_pat
 def test_stored_svfs_give_geodesic_interpolation_and_bch_composition(tmp_path):
     root = make_bank(tmp_path / "b")
     grid = fields.Grid.from_sitk(sitk.ReadImage(str(root / "mask.nii.gz")))
-    from conftest import smooth_random_field
+    from synthetic_fields import smooth_random_field
 
     u1 = smooth_random_field(grid.shape, 1.5, seed=1)
     u2 = smooth_random_field(grid.shape, 1.5, seed=2)
