@@ -85,8 +85,9 @@ def test_followups_differ_from_baseline_as_prescribed(phantom, bank):
             assert scan["min_jacobian"] > 0
             for region, summary in summary_of.items():
                 measured = math.log(scan["volumes_ml"][summary] / base_volumes[summary])
-                # 10 %; the amygdala has ~130 voxels at this test's 3 mm spacing, so 20 % there
-                tolerance = 0.20 if region == "amygdala" else 0.10
+                # 10 % for the large regions; at this test's 3 mm spacing the hippocampus has ~500 voxels
+                # and the amygdala ~130, so 15 % / 20 % there (at the default 1.5 mm all are within 10 %)
+                tolerance = {"amygdala": 0.20, "hippocampus": 0.15}.get(region, 0.10)
                 assert abs(measured - goals[region]) <= tolerance * abs(goals[region]), (subject["subject"], region, measured, goals[region])
             assert goals["hippocampus"] < 0 and goals["lateral_ventricles"] > 0
         last = subject["scans"][-1]
@@ -137,7 +138,7 @@ def test_bad_phantom_arguments_are_refused(tmp_path, bank):
     with pytest.raises(InputError, match="--subjects"):
         make_phantom(tmp_path / "x", PhantomConfig(subjects=0), bank=bank)
     with pytest.raises(InputError, match="do not fit"):
-        make_phantom(tmp_path / "y", PhantomConfig(subjects=1, followup_years=(30.0,), spacing=SPACING), bank=bank)
+        make_phantom(tmp_path / "y", PhantomConfig(subjects=1, followup_years=(40.0,), spacing=SPACING), bank=bank)
 
 
 def test_cli_refuses_existing_output(tmp_path):

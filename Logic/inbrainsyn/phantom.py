@@ -66,6 +66,7 @@ class PhantomConfig:
     bias_amplitude: float = 0.15
     skull: bool = False
     solve_spacing_mm: float = 3.0
+    solver_rounds: int = 3  # full-grid defect corrections of the atrophy solver (3 in the bank builder)
 
     def validate(self) -> None:
         if self.subjects < 1:
@@ -244,7 +245,9 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
                                          plan["rate_multipliers"])
             solution = atrophy.solve_ageing_svf(subject_maps, names, targets, spacing_zyx,
                                                 balance_region=bank.model.balance_region,
-                                                solve_spacing_mm=config.solve_spacing_mm)
+                                                solve_spacing_mm=config.solve_spacing_mm,
+                                                full_rounds=config.solver_rounds,
+                                                source_maps=maps, pre_displacement=psi)
             disp = fields.compose(psi, fields.exp(solution.velocity))
             goals, achieved, min_jac = solution.goals, solution.achieved, solution.min_jacobian
         clean = fields.warp(template, disp).numpy()

@@ -356,6 +356,8 @@ def solve_ageing_svf(
     iterations: int = 8,
     tolerance: float = 0.03,
     full_rounds: int = 3,
+    source_maps: torch.Tensor | None = None,
+    pre_displacement: torch.Tensor | None = None,
 ) -> AtrophySolution:
     """SVF u with ``anatomy o exp(u)`` realising the prescribed regional log-volume changes.
 
@@ -372,13 +374,27 @@ def solve_ageing_svf(
     is below half a voxel leaves a nearest-neighbour label map unchanged, so label counts are a
     quantised, biased measure of the small (sub-voxel) changes of a few years of ageing.  Warping
     one-hot (or partial-volume) maps trilinearly and summing measures the continuum volume.
+    When the anatomy is itself a warp of other maps (``region_maps = source_maps o pre``, e.g. a
+    phantom subject made from template maps) and the output will be made as
+    ``source o (pre o exp(u))``, pass ``source_maps`` and ``pre_displacement`` so the full-grid rounds
+    measure exactly that composition (same region order, deep-CSF split included automatically).
     Returns an :class:`AtrophySolution`.
     """
     if region_maps.dim() != 4 or region_maps.shape[0] != len(region_names):
         raise ValueError("region_maps must be (R, Z, Y, X) with one name per map")
     full_shape = tuple(int(n) for n in region_maps.shape[1:])
+    n_input = len(region_names)
     maps, region_names, prescribed = split_deep_csf(region_maps.float(), list(region_names), dict(prescribed),
                                                     spacing_zyx, balance_region)
+    source_before = None
+    if source_maps is not None:
+        if pre_displacement is None or source_maps.shape[0] != n_input:
+            raise ValueError("source_maps needs pre_displacement and one map per region name")
+        source_maps = source_maps.float()
+        source_before = fields.warp(source_maps, pre_displacement).sum(dim=(1, 2, 3)).double()
+        # the CSF is split (deep / outer) on the anatomy's grid only; it keeps the direct measure
+        composed_path = torch.tensor([i < n_input and region_names[i] != balance_region
+                                      for i in range(len(region_names))])
     volumes_vox = maps.sum(dim=(1, 2, 3)).double()
     volumes = {n: float(v) for n, v in zip(region_names, volumes_vox)}
     goals = balance_goals(volumes, prescribed, balance_region)
@@ -420,6 +436,11 @@ def solve_ageing_svf(
         velocity = fields.resize_field(velocity_coarse, full_shape) if shape != full_shape else velocity_coarse
         displacement = fields.exp(velocity)
         achieved_full = measure_log_changes(maps, displacement)
+        if source_maps is not None:  # measure along the path that makes the output: source o (pre o exp(u))
+            after = fields.warp(source_maps, fields.compose(pre_displacement, displacement)).sum(dim=(1, 2, 3)).double()
+            composed = torch.log(after.clamp_min(1e-6) / source_before.clamp_min(1e-6))
+            padded = torch.cat([composed, torch.zeros(len(region_names) - n_input, dtype=composed.dtype)])
+            achieved_full = torch.where(composed_path, padded, achieved_full)
         error_full = goal_vec - achieved_full
         if bool((error_full.abs() / goal_vec.abs().clamp_min(0.01) <= tolerance).all()):
             break
