@@ -40,7 +40,11 @@ def add_parser(subparsers) -> None:
     v.add_argument("--age", type=float, required=True)
     v.add_argument("--cohort", required=True, choices=["HC", "AD"])
     v.add_argument("--targets", type=float, nargs="+", required=True)
-    v.add_argument("--slice", type=int, required=True, help="axial slice index in template space")
+    where = v.add_mutually_exclusive_group(required=True)
+    where.add_argument("--slice", type=int, help="axial slice index in template space (the model's grid)")
+    where.add_argument("--native-slice", type=int, metavar="K",
+                       help="axial slice index K of the INPUT volume; mapped to the nearest template slice "
+                            "through the affine alignment")
     v.add_argument("-o", "--output", required=True)
     v.add_argument("--weights", default=None, help="DaniNet weights (default: the shipped model)")
     v.add_argument("--finetune-steps", type=int, default=0, help="test-time transfer steps (0: none)")
@@ -48,6 +52,7 @@ def add_parser(subparsers) -> None:
     v.add_argument("--in-template-space", action="store_true",
                    help="the input is already on the model's template grid (skip the affine alignment)")
     v.add_argument("--overwrite", action="store_true")
+    v.add_argument("--json", action="store_true", help="print progress and the result as JSON lines (for front ends)")
     v.set_defaults(func=run_preview)
 
     e = sub.add_parser("evaluate", help="held-out subjects: predicted slices vs true follow-ups")
@@ -114,8 +119,13 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def to_template_space(image, bank_cohort: str, age: float):
-    """Affine alignment of a native-space T1 to the bank template; returns the resampled image."""
+def align_to_template(image, bank_cohort: str, age: float):
+    """Affine alignment of a native-space T1 to the bank template.
+
+    Returns ``(resampled, template, transform)``: the input resampled onto the template grid,
+    the template image, and the affine ``A`` mapping template physical points to input
+    physical points (ITK registration convention: ``resampled(q) = input(A q)``).
+    """
     import SimpleITK as sitk
 
     from inbrainsyn.templates import load_bank
@@ -140,10 +150,42 @@ def to_template_space(image, bank_cohort: str, age: float):
         reg.SetSmoothingSigmasPerLevel([2, 1, 0])
         reg.SetInitialTransform(init, inPlace=False)
         transform = reg.Execute(template, moving)
-    return sitk.Resample(moving, template, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    resampled = sitk.Resample(moving, template, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return resampled, template, transform
+
+
+def to_template_space(image, bank_cohort: str, age: float):
+    """Affine alignment of a native-space T1 to the bank template; returns the resampled image."""
+    return align_to_template(image, bank_cohort, age)[0]
+
+
+def _reporter(args):
+    from inbrainsyn.progress import JsonLinesReporter, Reporter
+
+    return JsonLinesReporter() if args.json else Reporter()
 
 
 def run_preview(args: argparse.Namespace) -> int:
+    """``daninet preview``; with ``--json`` every failure also ends the stream with an error event."""
+    from inbrainsyn.errors import InBrainSynError
+
+    reporter = _reporter(args)
+    try:
+        manifest = _preview(args, reporter)
+    except InBrainSynError as exc:
+        if args.json:
+            reporter.error(str(exc), exc.exit_code)
+        raise
+    except Exception as exc:  # an unexpected failure still gets a JSON error line for front ends
+        if args.json:
+            reporter.error(f"{type(exc).__name__}: {exc}", 1)
+        raise
+    if args.json:
+        reporter.result(str(manifest))
+    return 0
+
+
+def _preview(args: argparse.Namespace, reporter) -> "Path":
     import SimpleITK as sitk
 
     from inbrainsyn import io
@@ -151,25 +193,41 @@ def run_preview(args: argparse.Namespace) -> int:
 
     io.check_output_path(args.output, args.overwrite)
     t0 = time.perf_counter()
-    image = io.read_image(args.input, "input")
+    reporter.progress("load", 0.0, f"reading {args.input}")
+    native = io.read_image(args.input, "input")
     model = preview.load_model(args.weights)
     grid = tuple(model.meta.get("grid_size_zyx") or ())
+    band = tuple(model.cfg.slice_band)
+    if args.native_slice is not None:  # refuse a slice outside the input before the (slow) alignment
+        preview.check_native_slice(args.native_slice, native, args.input)
     registered = False
-    if args.in_template_space or tuple(reversed(image.GetSize())) == grid:
-        reference = image
+    if args.in_template_space or tuple(reversed(native.GetSize())) == grid:
+        image, reference, transform = native, native, sitk.Transform(3, sitk.sitkIdentity)
     else:
-        image = to_template_space(image, args.cohort, args.age)
-        reference, registered = image, True
+        reporter.progress("align", 0.1, "affine alignment to the template")
+        image, reference, transform = align_to_template(native, args.cohort, args.age)
+        registered = True
     t_align = time.perf_counter() - t0
-    result = preview.preview_slices(image, args.slice, args.age, args.cohort, args.targets, model=model,
+    slice_index = args.slice
+    inputs = {"image": str(Path(args.input).absolute())}
+    if args.native_slice is not None:
+        slice_index = preview.template_slice_for_native_slice(args.native_slice, native, reference, transform,
+                                                              band, args.input)
+        inputs["native_slice"] = int(args.native_slice)
+        reporter.log(f"native slice {args.native_slice} -> template slice {slice_index}")
+    reporter.progress("predict", 0.6, f"DaniNet on template slice {slice_index}")
+    result = preview.preview_slices(image, slice_index, args.age, args.cohort, args.targets, model=model,
                                     finetune_steps=args.finetune_steps, assembly=args.assembly)
+    reporter.progress("write", 0.9, f"writing {args.output}")
     manifest = preview.write_preview(
-        result, args.output, inputs={"image": str(Path(args.input).absolute())},
+        result, args.output, inputs=inputs,
         parameters={"weights": str(Path(args.weights).absolute()) if args.weights else "shipped",
                     "affine_to_template": registered},
         reference=reference, overwrite=args.overwrite, extra_timings={"load_and_align": t_align})
-    print(f"slice {result['slice_index']} at {', '.join(f'{t:g}' for t in result['targets'])} y: {manifest}")
-    return 0
+    reporter.progress("write", 1.0, "done")
+    if not args.json:
+        print(f"slice {result['slice_index']} at {', '.join(f'{t:g}' for t in result['targets'])} y: {manifest}")
+    return manifest
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -110,6 +110,58 @@ def assemble(x: np.ndarray, g0: np.ndarray, gt: np.ndarray, age: float, target: 
     raise InputError(f"unknown assembly {assembly!r}; use one of {', '.join(ASSEMBLIES)}")
 
 
+def check_native_slice(native_slice: int, native: sitk.Image, name: str = "input") -> int:
+    """Validate an axial slice index K of the input's own grid (0 <= K < nz)."""
+    if isinstance(native_slice, bool) or int(native_slice) != native_slice:
+        raise InputError(f"native slice must be an integer, got {native_slice!r}")
+    k, depth = int(native_slice), native.GetSize()[2]
+    if not 0 <= k < depth:
+        raise InputError(f"native slice {k} is outside {name} (it has axial slices 0 .. {depth - 1})")
+    return k
+
+
+def _native_slice_of_template_slice(j: float, native: sitk.Image, template: sitk.Image, transform: sitk.Transform) -> float:
+    """Continuous native axial index of the centre of (continuous) template slice j, mapped by ``A``."""
+    nx, ny, _ = template.GetSize()
+    q = template.TransformContinuousIndexToPhysicalPoint(((nx - 1) / 2.0, (ny - 1) / 2.0, float(j)))
+    return native.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(q))[2]
+
+
+def template_slice_for_native_slice(native_slice: int, native: sitk.Image, template: sitk.Image,
+                                    transform: sitk.Transform, band: tuple[int, int] | None = None,
+                                    name: str = "input") -> int:
+    """The template axial slice nearest to the input's axial slice K.
+
+    ``transform`` is the affine ``A`` of the alignment, mapping template physical points to input
+    physical points: ``A(q) = M q + t`` (read by :func:`inbrainsyn.synthesis.affine_parts`). The
+    centre of native slice K, ``p = index_to_physical(((nx-1)/2, (ny-1)/2, K))``, lies at template
+    point ``q = M^-1 (p - t)``; the answer is ``round(k_q)`` with ``k_q`` the axial component of q's
+    continuous template index. Raises InputError when K is outside the input, or when the mapped
+    slice is outside the template grid or the model's trained ``band`` (naming the native slices
+    that band covers, so the user can move the Red view there).
+    """
+    from inbrainsyn.synthesis import affine_parts
+
+    k = check_native_slice(native_slice, native, name)
+    nx, ny, _ = native.GetSize()
+    p = np.asarray(native.TransformContinuousIndexToPhysicalPoint(((nx - 1) / 2.0, (ny - 1) / 2.0, float(k))))
+    matrix, offset = affine_parts(transform)
+    q = np.linalg.solve(matrix, p - offset)
+    j = int(np.floor(template.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in q))[2] + 0.5))
+    depth = template.GetSize()[2]
+    lo, hi = band if band is not None else (0, depth - 1)
+    if not (max(lo, 0) <= j <= min(hi, depth - 1)):
+        # native slices whose centres round into [lo, hi]: continuous template index in [lo - 1/2, hi + 1/2]
+        ends = sorted(_native_slice_of_template_slice(b, native, template, transform) for b in (lo - 0.5, hi + 0.5))
+        first, last = max(int(np.ceil(ends[0])), 0), min(int(np.floor(ends[1])), native.GetSize()[2] - 1)
+        where = (f"native slices {first} .. {last} of {name}" if first <= last
+                 else f"no slice of {name} (the band lies outside the scan)")
+        raise InputError(
+            f"native slice {k} of {name} maps to template slice {j}, outside the band {lo} .. {hi} the DaniNet "
+            f"model was trained on; that band corresponds to {where}: move the axial view there")
+    return j
+
+
 def preview_slices(volume_in_template_space: np.ndarray | sitk.Image, slice_index: int, age: float, cohort: str,
                    targets, weights: str | Path | None = None, finetune_steps: int = 0,
                    model: DaniNet | None = None, assembly: str = "residual") -> dict:
