@@ -172,15 +172,18 @@ def synthesize_argv(engine: list[str], request: SynthesisRequest) -> list[str]:
 
 def preview_argv(engine: list[str], input_path: str, age: float, cohort: str, targets, slice_index: int,
                  output_dir: str) -> list[str]:
-    """``inbrainsyn daninet preview INPUT --age A --cohort HC|AD --targets T.. --native-slice K -o DIR``.
+    """``inbrainsyn daninet preview INPUT --age A --cohort HC|AD --targets T.. --native-slice K -o DIR --json``.
 
     K is the axial slice of the *input's own grid* under the Red view (the user's "current
-    slice"); ``--slice`` of the engine counts slices of the template grid, which the GUI cannot
-    know before the engine's affine alignment. The run's ``DIR/manifest.json`` tells the result
-    (the preview prints no JSON events).
+    slice"); the engine maps it to the template slice through its affine alignment (``--slice``
+    of the engine counts slices of the template grid, which the GUI cannot know beforehand) and
+    refuses, naming the input's usable slices, when it falls outside the model's trained band.
+    With ``--json`` the engine reports progress and ends with a result or error event; the
+    runner also accepts a clean exit that leaves ``DIR/manifest.json`` (``expected_manifest``).
     """
     return [*engine, "daninet", "preview", input_path, "--age", _age_text(age), "--cohort", cohort,
-            "--targets", *[_age_text(t) for t in targets], "--native-slice", str(int(slice_index)), "-o", output_dir]
+            "--targets", *[_age_text(t) for t in targets], "--native-slice", str(int(slice_index)), "-o", output_dir,
+            "--json"]
 
 
 def parse_event_line(line: str) -> dict | None:

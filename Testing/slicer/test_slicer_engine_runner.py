@@ -74,7 +74,46 @@ def test_synthesize_command_line_carries_every_choice(tmp_path):
 def test_preview_command_line():
     argv = engine.preview_argv(["x"], "/in.nii.gz", 70, "AD", [75, 80], 64, "/out")
     assert argv == ["x", "daninet", "preview", "/in.nii.gz", "--age", "70", "--cohort", "AD", "--targets", "75", "80",
-                    "--native-slice", "64", "-o", "/out"]
+                    "--native-slice", "64", "-o", "/out", "--json"]
+
+
+@pytest.fixture(scope="module")
+def template_on_model_grid(tmp_path_factory):
+    """The shipped bank's HC template at 75 y (on the DaniNet model's grid: no alignment, seconds)."""
+    import SimpleITK as sitk
+
+    from inbrainsyn.templates import load_bank
+
+    path = tmp_path_factory.mktemp("tpl") / "template.nii.gz"
+    sitk.WriteImage(load_bank(None).template("HC", 75.0), str(path))
+    return path
+
+
+def test_real_engine_preview_agrees_with_the_module(template_on_model_grid, tmp_path):
+    """The module's command line runs on the installed engine and yields what the module shows."""
+    from inbrainsyn.daninet.preview import load_model
+
+    from InBrainSynSlicerLib.manifest import read_preview_outputs
+
+    lo, hi = load_model().cfg.slice_band
+    k = (lo + hi) // 2
+    out = tmp_path / "prev"
+    argv = engine.preview_argv([sys.executable, "-m", "inbrainsyn"], str(template_on_model_grid), 70, "HC", [75, 80],
+                               k, str(out))
+    events = []
+    outcome = engine.run_engine(argv, on_event=events.append)
+    assert outcome.succeeded, outcome.message
+    assert outcome.manifest == str(out / "manifest.json")  # announced by the result event
+    assert any(e["event"] == "progress" for e in events)
+    images = read_preview_outputs(outcome.manifest)
+    assert images["strip"] == out / "strip.png"
+    assert sorted(images["slices"]) == [70.0, 75.0, 80.0]  # baseline and the two targets
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["native_slice"] == k
+    # a slice below the trained band: a clear message naming the input's usable slices
+    refused = engine.run_engine(engine.preview_argv([sys.executable, "-m", "inbrainsyn"], str(template_on_model_grid),
+                                                    70, "HC", [75], lo - 5, str(tmp_path / "refused")))
+    assert refused.status == "failed"
+    assert f"native slices {lo} .. {hi}" in refused.message, refused.message
 
 
 def test_event_lines_json_plain_and_blank():

@@ -194,7 +194,7 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
     io.check_output_path(args.output, args.overwrite)
     t0 = time.perf_counter()
     reporter.progress("load", 0.0, f"reading {args.input}")
-    native = io.read_image(args.input, "input")
+    native = io.read_image(args.input)  # errors name the file itself
     model = preview.load_model(args.weights)
     grid = tuple(model.meta.get("grid_size_zyx") or ())
     band = tuple(model.cfg.slice_band)
