@@ -228,7 +228,7 @@ class EngineProcess:
 
     def __init__(self, argv: list[str], env: dict | None = None, cwd: str | None = None, stderr_lines: int = 40,
                  expected_manifest: str | None = None):
-        """``expected_manifest``: for commands that print no JSON events (``daninet preview``), a
+        """``expected_manifest``: for a command that may print no JSON events (an older ``daninet preview``), a
         clean exit leaving this file counts as success."""
         self.argv = list(argv)
         self.expected_manifest = expected_manifest

@@ -206,7 +206,7 @@ def test_preview_against_an_engine_without_daninet_fails_cleanly(tmp_path):
 
 
 def test_a_command_without_events_succeeds_by_its_manifest(tmp_path):
-    """``daninet preview`` prints no JSON: a clean exit that leaves the manifest is success."""
+    """A command that prints no JSON (an older ``daninet preview``): a clean exit that leaves the manifest is success."""
     manifest = tmp_path / "out" / "manifest.json"
     script = f"import pathlib; p = pathlib.Path({str(manifest)!r}); p.parent.mkdir(); p.write_text('{{}}'); print('done')"
     process = engine.EngineProcess([sys.executable, "-c", script], expected_manifest=str(manifest)).start()
