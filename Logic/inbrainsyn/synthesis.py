@@ -381,7 +381,8 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
     subject = io.read_image(request.input_path, name=str(request.input_path))
 
     from inbrainsyn import report as report_mod
-    from inbrainsyn.templates import load_bank, regional_volumes_ml
+    from inbrainsyn.templates import load_bank
+    from inbrainsyn.templates.regions import warped_regional_volumes_ml
     from inbrainsyn.transport import accurate_exp
 
     bank = load_bank(request.bank)
@@ -418,7 +419,16 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
         io.write_image(brain_mask, stage / "brain_mask.nii.gz")
         outputs.append({"kind": "labels", "age": request.age, "cohort": request.cohort, "path": f"labels_{age_tag(request.age)}.nii.gz"})
         outputs.append({"kind": "mask", "age": request.age, "cohort": request.cohort, "path": "brain_mask.nii.gz"})
-        volumes.append({"age": request.age, "cohort": request.cohort, **regional_volumes_ml(baseline_labels, label_names)})
+        labels_image = fields.tensor_to_image(labels_t, bank.grid, sitk.sitkInt16)
+        native_scale = abs(float(np.linalg.det(registered.affine_matrix)))  # template mm^3 -> input mm^3
+
+        def volumes_at(age, cohort, template_displacement):
+            """Regional volumes (mL) of the subject: one-hot maps warped trilinearly in template space
+            (partial volumes; counting a nearest-neighbour label map misses sub-voxel change)."""
+            in_template = warped_regional_volumes_ml(labels_image, template_displacement, label_names)
+            return {"age": age, "cohort": cohort, **{k: v * native_scale for k, v in in_template.items()}}
+
+        volumes.append(volumes_at(request.age, request.cohort, registered.displacement))
 
         subject_array = sitk.GetArrayViewFromImage(subject)
         low, high = float(subject_array.min()), float(subject_array.max())
@@ -438,7 +448,7 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
                 name = f"{kind}_{tag}.nii.gz"
                 io.write_image(image, stage / name)
                 outputs.append({"kind": kind, "age": target.age, "cohort": cohort, "path": name})
-            volumes.append({"age": target.age, "cohort": cohort, **regional_volumes_ml(labels, label_names)})
+            volumes.append(volumes_at(target.age, cohort, label_disp))
 
         reporter.progress("report", 0.95, "volumes and report")
         report_mod.write_volumes_csv(volumes, stage / "volumes.csv")
