@@ -235,12 +235,14 @@ def plot_summary(rows: list[dict], path: Path, methods=METHODS) -> None:
 
 
 def run_evaluation(phantom: Path, outdir: Path, bank_path=None, device="auto", subjects: int | None = None,
-                   methods=METHODS, overwrite=False, reporter=None) -> dict:
+                   methods=METHODS, overwrite=False, reporter=None, first_subject: int = 0) -> dict:
     from inbrainsyn.templates import load_bank
 
     cohort = read_cohort(Path(phantom))
-    if subjects is not None:
-        cohort = dict(list(cohort.items())[:subjects])
+    chosen = list(cohort.items())[first_subject:]
+    cohort = dict(chosen[:subjects] if subjects is not None else chosen)
+    if not cohort:
+        raise InputError(f"{phantom}: no subjects selected (first subject {first_subject}, count {subjects})")
     bank = load_bank(bank_path)
     dev = fields.resolve_device(device)
     label_ids = sorted(int(k) for k in bank.label_names if int(k) != 0)

@@ -17,7 +17,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--phantom", required=True, help="phantom cohort folder (with cohort.csv)")
     parser.add_argument("-o", "--output", required=True, help="output folder")
-    parser.add_argument("--subjects", type=int, default=None, help="use only the first N subjects")
+    parser.add_argument("--subjects", type=int, default=None, help="use only N subjects")
+    parser.add_argument("--first-subject", type=int, default=0, help="index of the first subject used (to split a run)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--bank", default=None, help="template bank folder (default: the shipped bank)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -31,7 +32,8 @@ def run(args) -> int:
 
     reporter = TqdmReporter()
     result = run_evaluation(Path(args.phantom), Path(args.output), bank_path=args.bank, device=args.device,
-                            subjects=args.subjects, methods=tuple(args.methods), overwrite=args.overwrite, reporter=reporter)
+                            subjects=args.subjects, methods=tuple(args.methods), overwrite=args.overwrite, reporter=reporter,
+                            first_subject=args.first_subject)
     reporter.finish()
     print((Path(args.output) / "table.md").read_text())
     print(f"{result['subjects']} subjects, {result['follow_ups']} follow-ups; outputs in {Path(args.output).absolute()}")
