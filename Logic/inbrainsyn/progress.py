@@ -7,9 +7,12 @@ and parsed by the Slicer module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+
+from inbrainsyn.errors import InBrainSynError
 
 
 class Reporter:
@@ -93,3 +96,21 @@ class TqdmReporter(Reporter):
         self.bar.n = self.bar.total
         self.bar.close()
         return super().finish()
+
+
+@contextlib.contextmanager
+def errors_reported(reporter: Reporter, as_json: bool):
+    """Let errors propagate, but first end a JSON-lines stream with an ``error`` event.
+
+    Front ends read the last line of the stream; an unexpected exception still gets one (exit code 1).
+    """
+    try:
+        yield
+    except InBrainSynError as exc:
+        if as_json:
+            reporter.error(str(exc), exc.exit_code)
+        raise
+    except Exception as exc:
+        if as_json:
+            reporter.error(f"{type(exc).__name__}: {exc}", 1)
+        raise

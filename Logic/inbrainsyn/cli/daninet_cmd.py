@@ -167,19 +167,11 @@ def _reporter(args):
 
 def run_preview(args: argparse.Namespace) -> int:
     """``daninet preview``; with ``--json`` every failure also ends the stream with an error event."""
-    from inbrainsyn.errors import InBrainSynError
+    from inbrainsyn.progress import errors_reported
 
     reporter = _reporter(args)
-    try:
+    with errors_reported(reporter, args.json):
         manifest = _preview(args, reporter)
-    except InBrainSynError as exc:
-        if args.json:
-            reporter.error(str(exc), exc.exit_code)
-        raise
-    except Exception as exc:  # an unexpected failure still gets a JSON error line for front ends
-        if args.json:
-            reporter.error(f"{type(exc).__name__}: {exc}", 1)
-        raise
     if args.json:
         reporter.result(str(manifest))
     return 0

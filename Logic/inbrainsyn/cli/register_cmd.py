@@ -16,7 +16,7 @@ import datetime
 import platform
 from pathlib import Path
 
-from inbrainsyn.errors import InBrainSynError, InputError
+from inbrainsyn.errors import InputError
 
 OUTPUT_FILES = {"svf": "svf.nii.gz", "displacement": "displacement.nii.gz", "warped": "warped.nii.gz"}
 
@@ -182,19 +182,12 @@ def register_files(args, reporter) -> Path:
 
 
 def run(args) -> int:
-    from inbrainsyn.progress import JsonLinesReporter, Reporter, TqdmReporter
+    from inbrainsyn.cli.synthesize_cmd import make_reporter
+    from inbrainsyn.progress import errors_reported
 
-    reporter = JsonLinesReporter() if args.json else Reporter() if args.quiet else TqdmReporter()
-    try:
+    reporter = make_reporter(args)
+    with errors_reported(reporter, args.json):
         manifest_path = register_files(args, reporter)
-    except InBrainSynError as exc:
-        if args.json:
-            reporter.error(str(exc), exc.exit_code)
-        raise
-    except Exception as exc:
-        if args.json:
-            reporter.error(f"{type(exc).__name__}: {exc}", 1)
-        raise
     reporter.finish()
     if args.json:
         reporter.result(str(manifest_path))

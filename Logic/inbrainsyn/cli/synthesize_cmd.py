@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from inbrainsyn.errors import InBrainSynError
-
 
 def add_common_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", default="pole", choices=["pole", "schild", "conjugation", "half-conjugation", "none"],
@@ -51,17 +49,11 @@ def execute(request, args) -> int:
     """Run a request with the reporter the flags ask for; errors become one message and an exit code."""
     from inbrainsyn.synthesis import run_synthesis
 
+    from inbrainsyn.progress import errors_reported
+
     reporter = make_reporter(args)
-    try:
+    with errors_reported(reporter, args.json):
         manifest = run_synthesis(request, args.output, overwrite=args.overwrite, reporter=reporter)
-    except InBrainSynError as exc:
-        if args.json:
-            reporter.error(str(exc), exc.exit_code)
-        raise
-    except Exception as exc:  # an unexpected failure still gets a JSON error line for front ends
-        if args.json:
-            reporter.error(f"{type(exc).__name__}: {exc}", 1)
-        raise
     if not args.json:
         print(f"outputs: {manifest.parent}\nreport:  {manifest.parent / 'report.png'}")
     return 0
