@@ -10,7 +10,8 @@ Methods compared (all predict the follow-up at age T from the baseline at age A)
 
 Metrics, inside the true follow-up's brain mask, after each image is mapped to [0, 1] by its own
 1st-99th percentiles there: PSNR (data range 1), SSIM (3D, Gaussian window sigma 1.5 voxel), MAE,
-and the mean Dice over the labelled regions.
+and the mean Dice over the labelled regions of the subject's own baseline label map carried by each
+method's deformation (as the reference code warps SynthSeg of the baseline).
 """
 
 from __future__ import annotations
@@ -136,9 +137,11 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
     )
     registered = register_subject(subject, request, bank, device, reporter or _NullReporter())
     mapper = NativeMapper(fields.Grid.from_sitk(subject), bank.grid, registered.affine_matrix, registered.affine_offset, device)
-    labels_t = bank.labels_tensor(cohort, baseline.age).float()
     low, high = (float(x) for x in (sitk.GetArrayViewFromImage(subject).min(), sitk.GetArrayViewFromImage(subject).max()))
-    baseline_labels = sitk.ReadImage(str(baseline.labels))
+    # Like the reference code (which warps SynthSeg of the baseline), every method carries the
+    # subject's own baseline label map with its deformation, and "copy" keeps it as is, so Dice
+    # compares deformations, not segmentations.
+    baseline_labels = sitk.Cast(sitk.ReadImage(str(baseline.labels)), sitk.sitkInt16)
     rows = []
     for scan in follow_ups:
         truth = io.read_image(scan.image)
@@ -153,14 +156,14 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
                 # The subject (in template space) registered onto the target-age template.
                 target_template = fields.image_to_tensor(bank.template(cohort, scan.age))
                 result = register_svf(target_template, registered.image, spacing=bank.grid.spacing, device=device)
-                disp = result.displacement.detach().cpu()
-                pred = _clamped(resample_native(subject, mapper.native_map(disp), sitk.sitkBSpline), low, high)
-                pred_labels = _labels_like(mapper.pull_template(labels_t, fields.compose(registered.displacement, disp)), subject)
+                native = mapper.native_map(result.displacement.detach().cpu())
+                pred = _clamped(resample_native(subject, native, sitk.sitkBSpline), low, high)
+                pred_labels = resample_native(baseline_labels, native, sitk.sitkNearestNeighbor)
             else:
                 w = u if method == "untransported" else transport_on_coarse_grid(u, v, method, request.transport_coarsening)
-                disp = accurate_exp(w).cpu()
-                pred = _clamped(resample_native(subject, mapper.native_map(disp), sitk.sitkBSpline), low, high)
-                pred_labels = _labels_like(mapper.pull_template(labels_t, fields.compose(registered.displacement, disp)), subject)
+                native = mapper.native_map(accurate_exp(w).cpu())
+                pred = _clamped(resample_native(subject, native, sitk.sitkBSpline), low, high)
+                pred_labels = resample_native(baseline_labels, native, sitk.sitkNearestNeighbor)
             metrics = image_metrics(pred, truth, mask, pred_labels, true_labels, label_ids)
             rows.append({
                 "subject": baseline.subject, "group": baseline.group, "baseline_age": baseline.age, "age": scan.age,
@@ -176,12 +179,6 @@ class _NullReporter:
 
 def _clamped(image: sitk.Image, low: float, high: float) -> sitk.Image:
     return sitk.Clamp(image, sitk.sitkFloat32, low, high)
-
-
-def _labels_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.rint(array).astype(np.int16))
-    image.CopyInformation(reference)
-    return image
 
 
 def summarise(rows: list[dict], methods=METHODS) -> list[dict]:
