@@ -17,7 +17,14 @@ from scipy.linalg import expm
 from inbrainsyn import fields
 from inbrainsyn import transport as tr
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_autograd():
+    """These tests need no gradients; disable them for this module's tests only (a module-level
+    ``torch.set_grad_enabled(False)`` leaked into every test collected after it)."""
+    with torch.no_grad():
+        yield
 
 
 # --------------------------------------------------------------------------------------------
