@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from inbrainsyn import fields, io
 from inbrainsyn.errors import InputError, ProcessingError
 from inbrainsyn.progress import Reporter
+from inbrainsyn.provenance import versions
 
 COHORTS = ("HC", "AD")
 TRANSPORT_METHODS = ("pole", "schild", "conjugation", "half-conjugation", "none")
@@ -353,23 +354,6 @@ def _image_like(array: np.ndarray, reference: sitk.Image, pixel_type=sitk.sitkFl
 
 def age_tag(age: float) -> str:
     return f"age{age:05.1f}"
-
-
-def versions() -> dict[str, str]:
-    import platform
-
-    import scipy
-
-    from inbrainsyn import __version__
-
-    return {
-        "inbrainsyn": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "SimpleITK": sitk.Version_VersionString(),
-    }
 
 
 def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool = False, reporter: Reporter | None = None) -> Path:

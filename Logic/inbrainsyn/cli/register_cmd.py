@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 from pathlib import Path
 
 from inbrainsyn.errors import InputError
+from inbrainsyn.provenance import versions
 
 OUTPUT_FILES = {"svf": "svf.nii.gz", "displacement": "displacement.nii.gz", "warped": "warped.nii.gz"}
 
@@ -88,24 +88,6 @@ def build_config(args):
     except ValueError as exc:
         raise InputError(f"registration options: {exc}") from None
     return config
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import scipy
-    import SimpleITK as sitk
-    import torch
-
-    from inbrainsyn import __version__
-
-    return {
-        "inbrainsyn": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "SimpleITK": sitk.Version_VersionString(),
-    }
 
 
 def register_files(args, reporter) -> Path:
