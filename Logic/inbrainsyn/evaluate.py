@@ -28,6 +28,7 @@ from scipy.ndimage import gaussian_filter
 
 from inbrainsyn import fields, io
 from inbrainsyn.errors import InputError
+from inbrainsyn.progress import Reporter
 
 METHODS = ("pole", "schild", "conjugation", "half-conjugation", "untransported", "template", "copy")
 METRICS = ("psnr", "ssim", "mae", "dice")
@@ -135,7 +136,7 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
         input_path=str(baseline.image), age=baseline.age, targets=[s.age for s in follow_ups], cohort=cohort,
         transition_age=transition, skull_stripped=True,
     )
-    registered = register_subject(subject, request, bank, device, reporter or _NullReporter())
+    registered = register_subject(subject, request, bank, device, reporter or Reporter())
     mapper = NativeMapper(fields.Grid.from_sitk(subject), bank.grid, registered.affine_matrix, registered.affine_offset, device)
     low, high = (float(x) for x in (sitk.GetArrayViewFromImage(subject).min(), sitk.GetArrayViewFromImage(subject).max()))
     # Like the reference code (which warps SynthSeg of the baseline), every method carries the
@@ -170,11 +171,6 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
                 "method": method, **metrics, "seconds": time.perf_counter() - started,
             })
     return rows
-
-
-class _NullReporter:
-    def progress(self, *args, **kwargs):
-        pass
 
 
 def _clamped(image: sitk.Image, low: float, high: float) -> sitk.Image:
