@@ -217,6 +217,24 @@ def inverse_exp(velocity: torch.Tensor, steps: int | None = None) -> torch.Tenso
     return exp(-velocity, steps)
 
 
+# Scaling and squaring starts from the first-order map id + v / 2^N, whose error grows like
+# |v / 2^N| |Dv|; :func:`exp`'s default (first step <= 1/4 voxel) leaves ~10% relative error in
+# conjugated maps on smooth test fields, 1/32 voxel brings it to the interpolation floor for the
+# price of three more compositions.
+ACCURATE_EXP_STEP_VOXELS = 1.0 / 32.0
+
+
+def accurate_exp(velocity: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    """:func:`exp` with a first squaring step of at most 1/32 voxel (unless ``steps``).
+
+    The exponential of fields that are applied to images (transported ageing, conjugations);
+    :func:`exp` (1/4 voxel) is the cheaper one that registration differentiates through.
+    """
+    if steps is None:
+        steps = squaring_steps(velocity, max_step=ACCURATE_EXP_STEP_VOXELS)
+    return exp(velocity, steps)
+
+
 # --------------------------------------------------------------------------------------------
 # Differential operators (central differences, one-sided at the border)
 # --------------------------------------------------------------------------------------------
