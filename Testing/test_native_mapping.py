@@ -7,7 +7,8 @@ import SimpleITK as sitk
 import torch
 
 from inbrainsyn import fields
-from inbrainsyn.synthesis import NativeMapper, affine_parts, normalise_intensity, resample_native
+from inbrainsyn.native import NativeMapper, affine_parts, resample_native
+from inbrainsyn.synthesis import normalise_intensity
 
 
 def make_grid(size, spacing, origin, angle=0.0):

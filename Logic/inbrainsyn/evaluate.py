@@ -124,9 +124,8 @@ def read_cohort(folder: Path) -> dict[str, list[Scan]]:
 def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS, reporter=None) -> list[dict]:
     """Predict every follow-up of one subject with every method; one row per (follow-up, method)."""
     from inbrainsyn.registration import register_svf
-    from inbrainsyn.synthesis import NativeMapper, SynthesisRequest, cohort_ageing_svf, register_subject, resample_native
-    from inbrainsyn.synthesis import transport_on_coarse_grid
-    from inbrainsyn.transport import accurate_exp
+    from inbrainsyn.native import NativeMapper, resample_native
+    from inbrainsyn.synthesis import SynthesisRequest, cohort_ageing_svf, register_subject, transport_on_coarse_grid
 
     baseline, follow_ups = scans[0], scans[1:]
     cohort = "HC" if baseline.group.upper().startswith("HC") else "AD"
@@ -162,7 +161,7 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
                 pred_labels = resample_native(baseline_labels, native, sitk.sitkNearestNeighbor)
             else:
                 w = u if method == "untransported" else transport_on_coarse_grid(u, v, method, request.transport_coarsening)
-                native = mapper.native_map(accurate_exp(w).cpu())
+                native = mapper.native_map(fields.accurate_exp(w).cpu())
                 pred = _clamped(resample_native(subject, native, sitk.sitkBSpline), low, high)
                 pred_labels = resample_native(baseline_labels, native, sitk.sitkNearestNeighbor)
             metrics = image_metrics(pred, truth, mask, pred_labels, true_labels, label_ids)

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from inbrainsyn import fields, io
 from inbrainsyn.errors import InputError, ProcessingError
+from inbrainsyn.native import NativeMapper, affine_parts, resample_native  # noqa: F401 (also imported from here)
 from inbrainsyn.progress import Reporter
 from inbrainsyn.provenance import versions
 
@@ -107,111 +107,6 @@ def normalise_intensity(image: sitk.Image, mask: sitk.Image | None = None, low=1
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(image)
     return result
-
-
-# ------------------------------------------------------------------------------------------------
-# Geometry helpers: native grid <-> template grid
-# ------------------------------------------------------------------------------------------------
-
-
-def affine_parts(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
-    """``(M, t)`` with ``transform(p) = M p + t`` for any affine-like ITK transform.
-
-    Read off by probing the transform at the origin and the three unit points, which works for
-    Euler, similarity, affine and composites of them alike.
-    """
-    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)), dtype=np.float64)
-    columns = [np.asarray(transform.TransformPoint(tuple(e)), dtype=np.float64) - origin for e in np.eye(3)]
-    return np.stack(columns, axis=1), origin
-
-
-def _sample_volume(values: torch.Tensor, index_points: torch.Tensor, mode="bilinear", padding="zeros") -> torch.Tensor:
-    """Sample ``(C, Z, Y, X)`` at continuous voxel indices ``(3, Zo, Yo, Xo)`` (x, y, z): returns ``(C, Zo, Yo, Xo)``."""
-    nz, ny, nx = values.shape[1:]
-    scale = torch.tensor([2.0 / (nx - 1), 2.0 / (ny - 1), 2.0 / (nz - 1)], dtype=values.dtype, device=values.device)
-    grid = (index_points.to(values.dtype) * scale.view(3, 1, 1, 1) - 1.0).permute(1, 2, 3, 0).unsqueeze(0)
-    return F.grid_sample(values.unsqueeze(0), grid, mode=mode, padding_mode=padding, align_corners=True)[0]
-
-
-@dataclass
-class NativeMapper:
-    """Carries template-space transforms onto the input's own grid through the affine ``A``.
-
-    ``A`` maps template physical points to input physical points (ITK registration convention), so a
-    template-space pull-back map ``psi = id + d`` becomes ``A o psi o A^-1`` on the input grid.
-    Since ``A^-1`` composed with the two grids' index-to-physical maps is affine, a native voxel
-    index ``i`` lands at template index ``q = K i + k0``; and because ``A(q + d) - A(q) = M d``,
-    the native displacement is ``M d_mm(q)`` -- no per-voxel physical coordinates are needed.
-    Work is done in slabs of ``chunk_slices`` native slices to bound memory.
-    """
-
-    native_grid: fields.Grid
-    template_grid: fields.Grid
-    matrix: np.ndarray  # A(p) = matrix @ p + offset
-    offset: np.ndarray
-    device: torch.device
-    chunk_slices: int = 48
-
-    def _index_map(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(K, k0)``: template index ``q = K i + k0`` of native index ``i`` (both (x, y, z))."""
-        m_inv = np.linalg.inv(self.matrix)
-        to_template_index = np.linalg.inv(self.template_grid.index_to_physical)
-        k = to_template_index @ m_inv @ self.native_grid.index_to_physical
-        k0 = to_template_index @ (m_inv @ (np.asarray(self.native_grid.origin) - self.offset) - np.asarray(self.template_grid.origin))
-        as_t = lambda a: torch.as_tensor(a, device=self.device, dtype=torch.float32)  # noqa: E731
-        return as_t(k), as_t(k0)
-
-    def _slabs(self):
-        """Yield ``(z0, q)``: template indices ``(3, z, Y, X)`` of each slab of native voxels."""
-        k, k0 = self._index_map()
-        nz, ny, nx = self.native_grid.shape
-        y, x = torch.meshgrid(torch.arange(ny, device=self.device, dtype=torch.float32),
-                              torch.arange(nx, device=self.device, dtype=torch.float32), indexing="ij")
-        for z0 in range(0, nz, self.chunk_slices):
-            z = torch.arange(z0, min(z0 + self.chunk_slices, nz), device=self.device, dtype=torch.float32)
-            # q = K [x, y, z] + k0, built from rank-one pieces (no (3, z, Y, X) index tensor needed)
-            q = (k[:, 0].view(3, 1, 1, 1) * x + k[:, 1].view(3, 1, 1, 1) * y
-                 + k[:, 2].view(3, 1, 1, 1) * z.view(1, -1, 1, 1) + k0.view(3, 1, 1, 1))
-            yield z0, q
-
-    def native_map(self, template_displacement: torch.Tensor) -> np.ndarray:
-        """Physical displacement ``(Z, Y, X, 3)`` mm on the native grid of ``A o (id + d) o A^-1``.
-
-        ``template_displacement``: ``(3, Zt, Yt, Xt)`` voxel units of the template grid; outside
-        the template grid it is taken as zero (no deformation there).
-        """
-        to_native_mm = torch.as_tensor(self.matrix @ self.template_grid.index_to_physical, device=self.device, dtype=torch.float32)
-        disp = template_displacement.to(self.device, torch.float32)
-        out = np.empty((*self.native_grid.shape, 3), dtype=np.float32)
-        for z0, q in self._slabs():
-            d = _sample_volume(disp, q)
-            out[z0 : z0 + q.shape[1]] = torch.einsum("ij,j...->...i", to_native_mm, d).cpu().numpy()
-        return out
-
-    def pull_template(
-        self, template_values: torch.Tensor, template_displacement: torch.Tensor | None = None, mode="nearest", fill=0.0
-    ) -> np.ndarray:
-        """Native image ``V(psi(A^-1 p))`` of a template-grid map ``V`` ``(Zt, Yt, Xt)``.
-
-        ``psi = id + template_displacement`` (voxel units, template grid) or the identity when None.
-        Outside the template grid the value is ``fill``.
-        """
-        values = (template_values.to(self.device, torch.float32) - fill).unsqueeze(0)
-        disp = None if template_displacement is None else template_displacement.to(self.device, torch.float32)
-        out = np.empty(self.native_grid.shape, dtype=np.float32)
-        for z0, q in self._slabs():
-            if disp is not None:
-                q = q + _sample_volume(disp, q)
-            out[z0 : z0 + q.shape[1]] = (_sample_volume(values, q, mode)[0] + fill).cpu().numpy()
-        return out
-
-
-def resample_native(image: sitk.Image, displacement_mm: np.ndarray, interpolator, default=0.0) -> sitk.Image:
-    """``image(p + d(p))`` on the image's own grid, with ``d`` given as ``(Z, Y, X, 3)`` mm."""
-    field_image = sitk.GetImageFromArray(displacement_mm.astype(np.float64), isVector=True)
-    field_image.CopyInformation(image)
-    transform = sitk.DisplacementFieldTransform(field_image)
-    return sitk.Resample(image, image, transform, interpolator, default, image.GetPixelID())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,14 +228,12 @@ def transport_on_coarse_grid(u: torch.Tensor, v: torch.Tensor, method: str, fact
 
 def transported_ageing(subject: SubjectInTemplateSpace, request: SynthesisRequest, bank, device) -> list[TargetResult]:
     """For each target age: the cohort ageing ``u`` transported along ``v`` and its exponential."""
-    from inbrainsyn.transport import accurate_exp
-
     v = subject.velocity.to(device)
     results = []
     for target in request.targets:
         u = cohort_ageing_svf(bank, request.cohort, request.age, target, request.transition_age).to(device)
         w = transport_on_coarse_grid(u, v, request.transport, request.transport_coarsening)
-        results.append(TargetResult(age=float(target), velocity=w.cpu(), displacement=accurate_exp(w).cpu()))
+        results.append(TargetResult(age=float(target), velocity=w.cpu(), displacement=fields.accurate_exp(w).cpu()))
     return results
 
 
@@ -369,7 +262,6 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
     from inbrainsyn import report as report_mod
     from inbrainsyn.templates import load_bank
     from inbrainsyn.templates.regions import warped_regional_volumes_ml
-    from inbrainsyn.transport import accurate_exp
 
     bank = load_bank(request.bank)
     request.validate(bank.age_range(request.cohort if request.transition_age is None else "AD"))
@@ -426,7 +318,7 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
             synthetic = resample_native(subject, native, sitk.sitkBSpline)
             synthetic = sitk.Clamp(synthetic, sitk.sitkFloat32, low, high)  # B-spline overshoot
             difference = sitk.Subtract(synthetic, subject)
-            inverse = accurate_exp(-target.velocity)
+            inverse = fields.accurate_exp(-target.velocity)
             jacobian = _image_like(mapper.pull_template(fields.jacobian_determinant(inverse), None, "bilinear", fill=1.0), subject)
             label_disp = fields.compose(registered.displacement, target.displacement)  # exp(v) o exp(w)
             labels = _image_like(mapper.pull_template(labels_t, label_disp), subject, sitk.sitkInt16)

@@ -133,14 +133,14 @@ def template_slice_for_native_slice(native_slice: int, native: sitk.Image, templ
     """The template axial slice nearest to the input's axial slice K.
 
     ``transform`` is the affine ``A`` of the alignment, mapping template physical points to input
-    physical points: ``A(q) = M q + t`` (read by :func:`inbrainsyn.synthesis.affine_parts`). The
+    physical points: ``A(q) = M q + t`` (read by :func:`inbrainsyn.native.affine_parts`). The
     centre of native slice K, ``p = index_to_physical(((nx-1)/2, (ny-1)/2, K))``, lies at template
     point ``q = M^-1 (p - t)``; the answer is ``round(k_q)`` with ``k_q`` the axial component of q's
     continuous template index. Raises InputError when K is outside the input, or when the mapped
     slice is outside the template grid or the model's trained ``band`` (naming the native slices
     that band covers, so the user can move the Red view there).
     """
-    from inbrainsyn.synthesis import affine_parts
+    from inbrainsyn.native import affine_parts
 
     k = check_native_slice(native_slice, native, name)
     nx, ny, _ = native.GetSize()
