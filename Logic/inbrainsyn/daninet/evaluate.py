@@ -55,14 +55,10 @@ def inbrainsyn_predictions(scans: list[Scan], transport_method: str = "pole", ca
             sitk.WriteImage(img, str(names[key]))
         return out
     from inbrainsyn import fields, io
-    from inbrainsyn.synthesis import (NativeMapper, SynthesisRequest, cohort_ageing_svf, register_subject,
-                                      resample_native)
+    from inbrainsyn.native import NativeMapper, resample_native
+    from inbrainsyn.progress import Reporter
+    from inbrainsyn.synthesis import SynthesisRequest, register_subject, transported_ageing
     from inbrainsyn.templates import load_bank
-    from inbrainsyn.transport import transport
-
-    class _Quiet:
-        def progress(self, *args, **kwargs):
-            pass
 
     bank, device = load_bank(None), torch.device("cpu")
     scans = sorted(scans, key=lambda s: s.age)
@@ -71,15 +67,17 @@ def inbrainsyn_predictions(scans: list[Scan], transport_method: str = "pole", ca
     transition = base.transition_age if cohort == "HC" else None
     subject = io.read_image(base.path)
     request = SynthesisRequest(input_path=str(base.path), age=base.age, targets=[s.age for s in scans[1:]],
-                               cohort=cohort, transition_age=transition, skull_stripped=True)
-    registered = register_subject(subject, request, bank, device, _Quiet())
+                               cohort=cohort, transition_age=transition, skull_stripped=True,
+                               transport=transport_method)
+    registered = register_subject(subject, request, bank, device, Reporter())
     mapper = NativeMapper(fields.Grid.from_sitk(subject), bank.grid, registered.affine_matrix,
                           registered.affine_offset, device)
+    # The pipeline's own transport (coarse-grid ladder, accurate exponential), so the table compares
+    # DaniNet with what `inbrainsyn synthesize` would produce.
+    targets = transported_ageing(registered, request, bank, device)
     out = {}
-    for fu in scans[1:]:
-        u = cohort_ageing_svf(bank, cohort, base.age, fu.age, transition)
-        w = transport(u, along=registered.velocity, method=transport_method)
-        pred = resample_native(subject, mapper.native_map(fields.exp(w).cpu()), sitk.sitkBSpline)
+    for fu, target in zip(scans[1:], targets):
+        pred = resample_native(subject, mapper.native_map(target.displacement), sitk.sitkBSpline)
         out[str(fu.path)] = sitk.GetArrayFromImage(pred)
     return out
 
