@@ -111,7 +111,7 @@ def test_native_slice_on_the_template_grid_with_json_events(template_file, tmp_p
                                                                "manifest": str(tmp_path / "out" / "manifest.json")}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["inputs"]["native_slice"] == k and manifest["inputs"]["slice"] == k  # same grid: same slice
-    assert manifest["parameters"]["affine_to_template"] is False
+    assert manifest["parameters"]["alignment"].startswith("none")
     kinds = [o["kind"] for o in manifest["outputs"]]
     assert kinds.count("synthetic") == 2 and "baseline" in kinds and "report" in kinds
     for o in manifest["outputs"]:
@@ -154,5 +154,76 @@ def test_native_slice_of_a_shifted_coarse_scan_is_found_after_alignment(template
     assert code == 0, events
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     expected = (origin[2] + 3.0 * 25 - template.GetOrigin()[2]) / template.GetSpacing()[2]
-    assert manifest["parameters"]["affine_to_template"] is True
+    assert manifest["parameters"]["alignment"] == "coarse affine (8/4 mm)"
     assert abs(manifest["inputs"]["slice"] - expected) <= 1.0
+
+
+def _shifted_scan(template_file, tmp_path, shift_mm=7.0):
+    """The template on a 3 mm grid whose origin is ``shift_mm`` higher, and the affine that aligns it.
+
+    Same physical space, so the true alignment ``A`` (template mm -> input mm) is the identity.
+    """
+    template = sitk.ReadImage(str(template_file))
+    origin = list(template.GetOrigin())
+    origin[2] += shift_mm
+    size = [int(round(n / 2)) for n in template.GetSize()]
+    native = sitk.Resample(template, size, sitk.Transform(), sitk.sitkLinear, origin, (3.0, 3.0, 3.0),
+                           template.GetDirection())
+    path = tmp_path / "native.nii.gz"
+    sitk.WriteImage(native, str(path))
+    return template, native, path
+
+
+def _synthesize_like_manifest(folder, matrix, offset, baseline=None):
+    """What ``inbrainsyn synthesize`` leaves behind that the preview reuses: the affine and the baseline."""
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(
+        {"diagnostics": {"affine_matrix": np.asarray(matrix).tolist(), "affine_offset": list(offset)}}))
+    if baseline is not None:
+        sitk.WriteImage(baseline, str(folder / "baseline.nii.gz"))
+    return folder / "manifest.json"
+
+
+def test_preview_reuses_a_previous_runs_alignment(template_file, tmp_path):
+    """With --alignment MANIFEST no registration runs: a deliberately shifted affine (A(q) = q + 6 mm
+    along z) must move the chosen template slice by exactly 6 / 1.5 = 4 slices against the identity,
+    which no fresh registration of this pair would produce."""
+    template, native, path = _shifted_scan(template_file, tmp_path)
+    slices = {}
+    for name, dz in (("identity", 0.0), ("shifted", 6.0)):
+        manifest = _synthesize_like_manifest(tmp_path / name, np.eye(3), (0.0, 0.0, dz), baseline=native)
+        code, events = run_cli(["daninet", "preview", str(path), "--age", "70", "--cohort", "HC", "--targets", "80",
+                                "--native-slice", "25", "--alignment", str(manifest), "-o", str(tmp_path / f"out_{name}"),
+                                "--json"])
+        assert code == 0, events
+        written = json.loads((tmp_path / f"out_{name}" / "manifest.json").read_text())
+        assert written["parameters"]["alignment"] == f"reused from {manifest}"
+        slices[name] = written["inputs"]["slice"]
+    expected = (native.GetOrigin()[2] + 3.0 * 25 - template.GetOrigin()[2]) / template.GetSpacing()[2]
+    assert abs(slices["identity"] - expected) <= 0.5
+    assert slices["identity"] - slices["shifted"] == 4
+
+
+def test_alignment_of_another_scan_is_refused(template_file, tmp_path):
+    from inbrainsyn.daninet.alignment import read_alignment
+
+    template, native, _ = _shifted_scan(template_file, tmp_path)
+    manifest = _synthesize_like_manifest(tmp_path / "other", np.eye(3), (0, 0, 0), baseline=template)
+    with pytest.raises(InputError, match="belongs to another scan"):
+        read_alignment(manifest, native)
+    with pytest.raises(InputError, match="alignment file not found"):
+        read_alignment(tmp_path / "missing.json", native)
+    (tmp_path / "bad.json").write_text('{"outputs": []}')
+    with pytest.raises(InputError, match="holds no affine alignment"):
+        read_alignment(tmp_path / "bad.json", native)
+
+
+def test_alignment_from_an_itk_transform_file_maps_points_as_written(tmp_path):
+    from inbrainsyn.daninet.alignment import affine_from_parts, read_alignment
+
+    matrix = np.array([[1.05, 0.02, 0.0], [-0.01, 0.98, 0.03], [0.0, 0.01, 1.02]])
+    offset = np.array([3.0, -4.0, 12.5])
+    sitk.WriteTransform(affine_from_parts(matrix, offset), str(tmp_path / "a.tfm"))
+    transform = read_alignment(tmp_path / "a.tfm", TEMPLATE)
+    for p in ((0.0, 0.0, 0.0), (10.0, -20.0, 30.0)):
+        np.testing.assert_allclose(transform.TransformPoint(p), matrix @ np.array(p) + offset, atol=1e-9)

@@ -51,6 +51,10 @@ def add_parser(subparsers) -> None:
     v.add_argument("--assembly", choices=["residual", "blend"], default="residual")
     v.add_argument("--in-template-space", action="store_true",
                    help="the input is already on the model's template grid (skip the affine alignment)")
+    v.add_argument("--alignment", default=None, metavar="FILE",
+                   help="reuse an alignment instead of registering: the manifest.json of an earlier "
+                        "'inbrainsyn synthesize' run of this scan, or an ITK transform file (template mm -> input mm); "
+                        "without it a coarse (8/4 mm) affine is computed")
     v.add_argument("--overwrite", action="store_true")
     v.add_argument("--json", action="store_true", help="print progress and the result as JSON lines (for front ends)")
     v.set_defaults(func=run_preview)
@@ -119,46 +123,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def align_to_template(image, bank_cohort: str, age: float):
-    """Affine alignment of a native-space T1 to the bank template.
-
-    Returns ``(resampled, template, transform)``: the input resampled onto the template grid,
-    the template image, and the affine ``A`` mapping template physical points to input
-    physical points (ITK registration convention: ``resampled(q) = input(A q)``).
-    """
-    import SimpleITK as sitk
-
-    from inbrainsyn.templates import load_bank
-
-    bank = load_bank(None)
-    template = bank.template(bank_cohort, min(max(age, min(bank.ages(bank_cohort))), max(bank.ages(bank_cohort))))
-    moving = sitk.Cast(image, sitk.sitkFloat32)
-    try:  # the engine's affine registration when available
-        from inbrainsyn.registration import affine_register
-
-        transform = affine_register(template, moving)
-    except ImportError:  # fallback: SimpleITK Mattes MI affine, moments-initialised
-        init = sitk.CenteredTransformInitializer(template, moving, sitk.AffineTransform(3),
-                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(32)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.1, 0)
-        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([4, 2, 1])
-        reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-        reg.SetInitialTransform(init, inPlace=False)
-        transform = reg.Execute(template, moving)
-    resampled = sitk.Resample(moving, template, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return resampled, template, transform
-
-
-def to_template_space(image, bank_cohort: str, age: float):
-    """Affine alignment of a native-space T1 to the bank template; returns the resampled image."""
-    return align_to_template(image, bank_cohort, age)[0]
-
-
 def _reporter(args):
     from inbrainsyn.progress import JsonLinesReporter, Reporter
 
@@ -192,13 +156,25 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
     band = tuple(model.cfg.slice_band)
     if args.native_slice is not None:  # refuse a slice outside the input before the (slow) alignment
         preview.check_native_slice(args.native_slice, native, args.input)
-    registered = False
+    alignment = "none (input on the template grid)"
     if args.in_template_space or tuple(reversed(native.GetSize())) == grid:
         image, reference, transform = native, native, sitk.Transform(3, sitk.sitkIdentity)
     else:
-        reporter.progress("align", 0.1, "affine alignment to the template")
-        image, reference, transform = align_to_template(native, args.cohort, args.age)
-        registered = True
+        from inbrainsyn.daninet import alignment as align
+        from inbrainsyn.templates import load_bank
+
+        bank = load_bank(None)
+        lo, hi = bank.age_range(args.cohort)
+        reference = bank.template(args.cohort, min(max(args.age, lo), hi))
+        if args.alignment:
+            reporter.progress("align", 0.1, f"reusing the alignment in {args.alignment}")
+            transform = align.read_alignment(args.alignment, native)
+            alignment = f"reused from {Path(args.alignment).absolute()}"
+        else:
+            reporter.progress("align", 0.1, "coarse affine alignment to the template")
+            transform = align.coarse_alignment(native, reference, bank.mask)
+            alignment = "coarse affine (8/4 mm)"
+        image = align.to_template_grid(native, reference, transform)
     t_align = time.perf_counter() - t0
     slice_index = args.slice
     inputs = {"image": str(Path(args.input).absolute())}
@@ -214,7 +190,7 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
     manifest = preview.write_preview(
         result, args.output, inputs=inputs,
         parameters={"weights": str(Path(args.weights).absolute()) if args.weights else "shipped",
-                    "affine_to_template": registered},
+                    "alignment": alignment},
         reference=reference, overwrite=args.overwrite, extra_timings={"load_and_align": t_align})
     reporter.progress("write", 1.0, "done")
     if not args.json:
