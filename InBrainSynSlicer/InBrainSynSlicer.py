@@ -6,11 +6,13 @@ reads or builds MRML lives in ``InBrainSynSlicerLib`` (plain Python, tested outs
 PyPI ``slicer-core``, see Testing/slicer).
 """
 
+import importlib
 import logging
 import os
 import pathlib
 import shutil
-import time
+import tempfile
+import unittest
 from typing import Annotated
 
 import qt
@@ -28,7 +30,8 @@ from slicer.util import VTKObservationMixin
 
 from slicer import vtkMRMLScalarVolumeNode
 
-from InBrainSynSlicerLib import dependencies, engine, input_volume, layout
+from InBrainSynSlicerLib import dependencies, engine, input_volume, layout, selftest, slicer_versions
+from InBrainSynSlicerLib import runner as runner_lib
 from InBrainSynSlicerLib import scene as scene_lib
 from InBrainSynSlicerLib.manifest import ManifestError, read_preview_outputs
 
@@ -59,6 +62,17 @@ Research use only: synthetic images are not a diagnosis.
 Method: Fu et al., InBrainSyn, Medical Image Analysis 2025. Slice preview: DaniNet (Ravi et al.,
 MICCAI 2019 / MedIA 2022). Built with 3D Slicer and PyTorch.
 """
+        problem = slicerVersionProblem()
+        if problem:
+            self.parent.helpText += "\n" + problem
+
+
+def slicerVersionProblem():
+    """A sentence when this Slicer is older than the supported ones (README: supported versions), else None."""
+    try:
+        return slicer_versions.version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
+    except AttributeError:
+        return None
 
 
 #
@@ -72,7 +86,9 @@ class InBrainSynSlicerParameterNode:
 
     targetAges is text ("75, 80, 85") so that any number of ages can be typed.
     An empty templateBank or outputFolder means: the engine's default bank, and a new folder
-    under Slicer's temporary folder.
+    under Slicer's temporary folder. Both are plain text bound to their path fields by the widget
+    (not pathlib.Path through the ctkPathLineEdit connector, which writes str(Path("")) == "." into an
+    empty field). pace is the percentile of the cohort's ageing speed (50 = median, the engine's default).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -84,14 +100,24 @@ class InBrainSynSlicerParameterNode:
     transportMethod: Annotated[str, Choice(list(engine.TRANSPORT_METHODS))] = "pole"
     device: Annotated[str, Choice(list(engine.DEVICES))] = "auto"
     skullStripped: bool = False
-    templateBank: pathlib.Path
-    outputFolder: pathlib.Path
+    templateBank: str = ""
+    outputFolder: str = ""
     replaceResults: bool = True
+    pace: Annotated[int, WithinRange(engine.PACE_MIN, engine.PACE_MAX)] = engine.PACE_DEFAULT
 
 
-def _pathOrNone(path) -> str:
-    text = str(path) if path is not None else ""
-    return "" if text in ("", ".") else text
+# Path fields bound by hand (parameter name -> widget name in the .ui).
+PATH_FIELDS = {"templateBank": "templateBankPathLineEdit", "outputFolder": "outputFolderPathLineEdit"}
+
+
+def parameterWidgets(ui) -> dict:
+    """SlicerParameterName -> widget, as ``connectGui`` collects them (wrapper.py, all supported versions)."""
+    found = {}
+    for widget in ui.__dict__.values():
+        name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+        if name:
+            found[name] = widget
+    return found
 
 
 #
@@ -108,9 +134,9 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._process = None  # engine.EngineProcess while a run is going
-        self._processKind = None  # "synthesize" or "preview"
-        self._runFolder = None
+        self._run = None  # runner_lib.Run while a synthesis, preview or installation is going
+        self._afterInstall = None  # what to start once the dependencies are installed
+        self._updatingPathFields = False
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._onEngineTimer)
@@ -130,6 +156,9 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.previewButton.connect("clicked(bool)", self.onPreviewButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        for parameterName, widgetName in PATH_FIELDS.items():
+            getattr(self.ui, widgetName).connect(
+                "currentPathChanged(QString)", lambda text, name=parameterName: self._onPathFieldChanged(name, text))
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.hide()
         self.initializeParameterNode()
@@ -142,10 +171,7 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGuiState)
+        self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
         self._stopProcess()
@@ -162,71 +188,126 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = first
 
-    def setParameterNode(self, inputParameterNode) -> None:
+    def _disconnectParameterNode(self) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGuiState)
+        self._parameterNodeGuiTag = None
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        """Bind the widgets to ``inputParameterNode``.
+
+        connectParametersToGui, not connectGui: on Slicer 5.6 and 5.8 connectGui returns None
+        (parameterNodeWrapper/wrapper.py; fixed in 5.10), so its connection could never be
+        undone and every enter() would stack another one; the combo connectors clear and refill
+        their combos when created, and the stale connection then wrote the first item (HC / pole /
+        auto) back into the parameters. connectParametersToGui returns its tag on every version.
+        """
+        if (inputParameterNode is not None and self._parameterNodeGuiTag is not None
+                and self._parameterNode is not None
+                and self._parameterNode.parameterNode is inputParameterNode.parameterNode):
+            self._updateGuiState()  # already connected to this node: connecting again would reset the combos
+            return
+        self._disconnectParameterNode()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(parameterWidgets(self.ui))
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGuiState)
             self._updateGuiState()
+
+    # -- path fields (bound by hand: empty stays empty)
+
+    def _onPathFieldChanged(self, parameterName, text) -> None:
+        if self._parameterNode and not self._updatingPathFields:
+            setattr(self._parameterNode, parameterName, runner_lib.path_text(text))
+
+    def _updatePathFields(self) -> None:
+        self._updatingPathFields = True
+        try:
+            for parameterName, widgetName in PATH_FIELDS.items():
+                widget = getattr(self.ui, widgetName)
+                value = runner_lib.path_text(getattr(self._parameterNode, parameterName))
+                if widget.currentPath != value:
+                    widget.currentPath = value
+        finally:
+            self._updatingPathFields = False
 
     # -- state of the buttons
 
     def _updateGuiState(self, caller=None, event=None) -> None:
-        """Apply and Preview are enabled only when the choices can work; the status says why not."""
-        running = self._process is not None
+        """Apply and Preview are enabled only when the choices can work and nothing is running."""
+        running = self._run is not None or self.logic.runner.busy()
         problems = self.logic.problems(self._parameterNode) if self._parameterNode else ["No parameter node."]
+        versionProblem = slicerVersionProblem()
+        if versionProblem:
+            problems = [versionProblem] + problems
+        if self._parameterNode:
+            self._updatePathFields()
         self.ui.conversionAgeSpinBox.enabled = bool(self._parameterNode and self._parameterNode.conversionEnabled)
         self.ui.applyButton.enabled = not running and not problems
         self.ui.previewButton.enabled = not running and not problems
+        self.ui.installDependenciesButton.enabled = not running
         self.ui.cancelButton.enabled = running
-        self.ui.statusLabel.text = "\n".join(problems) if problems else ("Running..." if running else "Ready.")
+        if running:
+            kind = self._run.kind if self._run else "running"
+            self.ui.statusLabel.text = "Installing dependencies..." if kind == "install" else "Running..."
+        else:
+            self.ui.statusLabel.text = "\n".join(problems) if problems else "Ready."
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else "Synthesise the target ages"
 
     # -- Apply / Preview / Cancel
 
     def onApplyButton(self) -> None:
-        if not self._ensureDependencies():
+        if self.logic.runner.busy():
+            return  # the button is disabled while a run goes; the logic refuses too (RunAlreadyGoingError)
+        if not self._ensureDependencies(then=self.onApplyButton):
             return
         try:
-            self._process, self._runFolder = self.logic.startSynthesis(self._parameterNode)
-        except (engine.EngineMissingError, OSError, ValueError) as exc:
+            run = self.logic.startSynthesis(self._parameterNode)
+        except (engine.EngineMissingError, runner_lib.RunAlreadyGoingError, OSError, ValueError) as exc:
             slicer.util.errorDisplay(str(exc), windowTitle="InBrainSyn")
             return
-        self._startWatching("synthesize")
+        self._startWatching(run)
 
     def onPreviewButton(self) -> None:
-        if not self._ensureDependencies():
+        if self.logic.runner.busy():
+            return
+        if not self._ensureDependencies(then=self.onPreviewButton):
             return
         try:
             sliceIndex = self.logic.currentAxialSlice(self._parameterNode.inputVolume)
-            self._process, self._runFolder = self.logic.startPreview(self._parameterNode, sliceIndex)
-        except (engine.EngineMissingError, OSError, ValueError) as exc:
+            run = self.logic.startPreview(self._parameterNode, sliceIndex)
+        except (engine.EngineMissingError, runner_lib.RunAlreadyGoingError, OSError, ValueError) as exc:
             slicer.util.errorDisplay(str(exc), windowTitle="InBrainSyn")
             return
-        self._startWatching("preview")
+        self._startWatching(run)
 
     def onCancelButton(self) -> None:
         self._appendLog("Cancelling...")
-        if self._process is not None:
-            self._process.cancel(grace_s=2.0)  # the timer then reports "cancelled"
+        self._afterInstall = None
+        if self._run is not None:
+            self._run.process.cancel(grace_s=2.0)  # the timer then reports "cancelled"
 
-    def _startWatching(self, kind: str) -> None:
-        self._processKind = kind
+    def _startWatching(self, run) -> None:
+        self._run = run
         self.ui.logTextEdit.clear()
-        self._appendLog(" ".join(self._process.argv))
-        self.ui.progressBar.setValue(0)
+        self._appendLog(" ".join(run.process.argv))
+        if run.kind == "install":
+            self.ui.progressBar.setRange(0, 0)  # busy: pip reports no fraction
+        else:
+            self.ui.progressBar.setRange(0, 100)
+            self.ui.progressBar.setValue(0)
         self.ui.progressBar.show()
         self._timer.start()
         self._updateGuiState()
 
     def _stopProcess(self) -> None:
-        if self._process is not None:
-            self._process.cancel(grace_s=2.0)
+        if self._run is not None:
+            self._run.process.cancel(grace_s=2.0)
+            self.logic.runner.release(self._run)
         self._timer.stop()
-        self._process = None
+        self._run = None
         if self._parameterNode:
             self._updateGuiState()
 
@@ -235,40 +316,50 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onEngineTimer(self) -> None:
         """Every 100 ms: show new events; when the process ended, load or report its outcome."""
-        process = self._process
-        if process is None:
+        run = self._run
+        if run is None:
             self._timer.stop()
             return
-        for event in process.poll():
+        for event in run.process.poll():
             kind = event.get("event")
             if kind == "progress":
-                self.ui.progressBar.setValue(int(100 * float(event.get("fraction", 0.0))))
-                self.ui.progressBar.setFormat(f"{event.get('stage', '')}: %p%")
+                if run.kind != "install":
+                    self.ui.progressBar.setValue(int(100 * float(event.get("fraction", 0.0))))
+                    self.ui.progressBar.setFormat(f"{event.get('stage', '')}: %p%")
                 if event.get("message"):
                     self._appendLog(f"[{event.get('stage', '')}] {event['message']}")
             elif kind in ("log", "error"):
                 self._appendLog(str(event.get("message", "")))
-        outcome = process.outcome()
+        outcome = run.process.outcome()
         if outcome is None:
             return
         self._timer.stop()
-        self._process = None
+        self._run = None
+        self.logic.runner.release(run)
         self.ui.progressBar.hide()
+        self.ui.progressBar.setRange(0, 100)
+        afterInstall, self._afterInstall = self._afterInstall, None
         try:
-            if outcome.succeeded and self._processKind == "synthesize":
+            if outcome.succeeded and run.kind == "synthesize":
                 try:
                     with slicer.util.tryWithErrorDisplay("InBrainSyn: could not show the results.", waitCursor=True):
-                        self.logic.showResults(outcome.manifest, self._parameterNode)
+                        self.logic.showResults(run, outcome.manifest)
                     self._appendLog(f"Results added from {outcome.manifest}")
                 except Exception as exc:  # already shown to the user; the scene was rolled back
                     self._appendLog(f"Could not show the results: {exc}")
-            elif outcome.succeeded and self._processKind == "preview":
+            elif outcome.succeeded and run.kind == "preview":
                 self._showPreview(outcome.manifest)
+            elif outcome.succeeded and run.kind == "install":
+                importlib.invalidate_caches()
+                self._appendLog("Dependencies installed.")
+                if afterInstall is not None and not dependencies.missing_python_packages():
+                    qt.QTimer.singleShot(0, afterInstall)  # continue with what the user asked for
             elif outcome.status == "cancelled":
                 self._appendLog(outcome.message)
             else:
                 self._appendLog(outcome.message)
-                slicer.util.errorDisplay(outcome.message, windowTitle="InBrainSyn: the engine failed")
+                title = "InBrainSyn: installing dependencies failed" if run.kind == "install" else "InBrainSyn: the engine failed"
+                slicer.util.errorDisplay(outcome.message, windowTitle=title)
         finally:
             self._updateGuiState()
 
@@ -290,27 +381,38 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInstallDependencies(self) -> None:
         self._ensureDependencies(force=True)
 
-    def _ensureDependencies(self, force: bool = False) -> bool:
-        missing = dependencies.missing_python_packages()
-        if os.environ.get(engine.ENGINE_ENVIRONMENT_VARIABLE):
-            missing = []  # an external engine is configured; Slicer's Python needs nothing
-        if not missing and not force:
+    def _ensureDependencies(self, force: bool = False, then=None) -> bool:
+        """True when the engine can run now. Otherwise asks, starts the installation in the background
+        (Apply and Preview disabled meanwhile) and returns False; ``then`` runs after a successful install."""
+        if os.environ.get(engine.ENGINE_ENVIRONMENT_VARIABLE) and not force:
+            return True  # an external engine is configured; Slicer's Python needs nothing
+        if not force and not dependencies.missing_python_packages():
+            return True
+        try:
+            plan, source = self.logic.installPlan(reinstallEngine=force)
+        except (RuntimeError, OSError, ValueError) as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle="InBrainSyn: install dependencies")
+            return False
+        if plan.problems:
+            slicer.util.errorDisplay("\n".join(plan.problems), windowTitle="InBrainSyn: install dependencies")
+            return False
+        if plan.nothing_to_do:
             return True
         if not slicer.util.confirmOkCancelDisplay(
-            "InBrainSyn needs " + (", ".join(missing) if missing else "its engine (re)installed")
-            + " in Slicer's Python. PyTorch is installed by the PyTorch extension (it picks the CPU or "
-            "CUDA build for this computer), the engine from this extension's folder. "
-            "This can take several minutes. Install now?",
+            "InBrainSyn needs to install Python packages into Slicer's Python. This needs a network connection "
+            "and can take several minutes; Slicer stays usable meanwhile. Install now?",
             windowTitle="InBrainSyn: install dependencies",
+            detailedText=plan.summary(),
         ):
             return False
         try:
-            with slicer.util.tryWithErrorDisplay("InBrainSyn: installing dependencies failed.", waitCursor=True):
-                self.logic.installDependencies(reinstallEngine=force)
-        except Exception:
+            run = self.logic.startInstall(plan, source)
+        except (RuntimeError, OSError, ValueError) as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle="InBrainSyn: install dependencies")
             return False
-        self._updateGuiState()
-        return not dependencies.missing_python_packages()
+        self._afterInstall = then
+        self._startWatching(run)
+        return False
 
 
 #
@@ -319,11 +421,16 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class InBrainSynSlicerLogic(ScriptedLoadableModuleLogic):
-    """Everything the module does, callable from the widget, the self-test or the Python console."""
+    """Everything the module does, callable from the widget, the self-test or the Python console.
+
+    One run at a time (``self.runner``): a second start while one is going raises
+    RunAlreadyGoingError. Each run keeps the settings it was started with.
+    """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastResult = None
+        self.runner = runner_lib.Runner(self.engineCommand, slicer.app.temporaryPath, slicer.mrmlScene)
 
     def getParameterNode(self):
         return InBrainSynSlicerParameterNode(super().getParameterNode())
@@ -332,16 +439,7 @@ class InBrainSynSlicerLogic(ScriptedLoadableModuleLogic):
 
     def problems(self, p) -> list:
         """Why Apply cannot run with these choices (empty list: it can)."""
-        problems = input_volume.input_volume_problems(p.inputVolume)
-        try:
-            targets = engine.parse_target_ages(p.targetAges)
-        except ValueError as exc:
-            return problems + [str(exc)]
-        problems += engine.check_ages(p.age, p.cohort, targets, p.conversionEnabled, p.conversionAge)
-        bank = _pathOrNone(p.templateBank)
-        if bank and not pathlib.Path(bank).exists():
-            problems.append(f"Template bank {bank} does not exist; clear the field to use the default bank.")
-        return problems
+        return runner_lib.capture_settings(p).problems()
 
     # -- engine
 
@@ -350,38 +448,14 @@ class InBrainSynSlicerLogic(ScriptedLoadableModuleLogic):
         return shutil.which("PythonSlicer") or shutil.which("PythonSlicer.exe") or ""
 
     def engineCommand(self) -> list:
-        return engine.find_engine(python_executable=self.pythonSlicerExecutable() or None)
-
-    def _newRunFolder(self, p, kind: str) -> pathlib.Path:
-        base = _pathOrNone(p.outputFolder) or os.path.join(slicer.app.temporaryPath, "InBrainSyn")
-        return engine.output_folder_for(base, f"{p.inputVolume.GetName()}-{kind}")
-
-    def _request(self, p, runFolder: pathlib.Path) -> engine.SynthesisRequest:
-        inputPath = input_volume.export_input_volume(p.inputVolume, runFolder / "input.nii.gz")
-        return engine.SynthesisRequest(
-            input_path=str(inputPath),
-            age=float(p.age),
-            cohort=p.cohort,
-            targets=tuple(engine.parse_target_ages(p.targetAges)),
-            output_dir=str(runFolder / "output"),
-            transition_age=float(p.conversionAge) if p.conversionEnabled else None,
-            method=p.transportMethod,
-            device=p.device,
-            bank=_pathOrNone(p.templateBank) or None,
-            skull_stripped=bool(p.skullStripped),
-        )
+        # PythonSlicer runs Slicer's own Python environment: look the engine up in-process (no probe process).
+        return engine.find_engine(python_executable=self.pythonSlicerExecutable() or None, probe=False)
 
     def startSynthesis(self, p):
-        """Export the input, start ``inbrainsyn synthesize`` in the background; returns (process, folder)."""
-        problems = self.problems(p)
-        if problems:
-            raise ValueError("\n".join(problems))
-        command = self.engineCommand()
-        runFolder = self._newRunFolder(p, "synthesis")
-        request = self._request(p, runFolder)
-        process = engine.EngineProcess(engine.synthesize_argv(command, request)).start()
-        logging.info("InBrainSyn: started %s", " ".join(process.argv))
-        return process, runFolder
+        """Capture the choices, export the input, start ``inbrainsyn synthesize`` in the background."""
+        run = self.runner.start_synthesis(runner_lib.capture_settings(p))
+        logging.info("InBrainSyn: started %s", " ".join(run.process.argv))
+        return run
 
     def currentAxialSlice(self, volumeNode) -> int:
         """Slice index of ``volumeNode`` under the Red (axial) view's current position."""
@@ -391,27 +465,19 @@ class InBrainSynSlicerLogic(ScriptedLoadableModuleLogic):
         return input_volume.axial_slice_index(volumeNode, center)
 
     def startPreview(self, p, sliceIndex: int):
-        """Start ``inbrainsyn daninet preview`` for one axial slice; returns (process, folder)."""
-        problems = self.problems(p)
-        if problems:
-            raise ValueError("\n".join(problems))
-        command = self.engineCommand()
-        runFolder = self._newRunFolder(p, "preview")
-        inputPath = input_volume.export_input_volume(p.inputVolume, runFolder / "input.nii.gz")
-        argv = engine.preview_argv(command, str(inputPath), p.age, p.cohort, engine.parse_target_ages(p.targetAges),
-                                   sliceIndex, str(runFolder / "output"))
-        process = engine.EngineProcess(argv, expected_manifest=str(runFolder / "output" / "manifest.json"))
-        return process.start(), runFolder
+        """Start ``inbrainsyn daninet preview`` for one axial slice."""
+        return self.runner.start_preview(runner_lib.capture_settings(p), sliceIndex)
 
     # -- results
 
-    def showResults(self, manifestPath, p):
-        """Add one run's results to the scene (all or nothing) and show them side by side."""
-        result = scene_lib.load_results_into_scene(
-            slicer.mrmlScene, manifestPath, input_node=p.inputVolume, replace=bool(p.replaceResults)
-        )
+    def showResults(self, run, manifestPath):
+        """Add one finished run's results to the scene (all or nothing), filed under the input volume and
+        replace-option the run was started with, and show them side by side."""
+        return self._show(self.runner.load_results(run, manifestPath), run.settings)
+
+    def _show(self, result, settings):
         self.lastResult = result
-        left = result.baseline or p.inputVolume
+        left = result.baseline or settings.input_node
         layout.show_side_by_side(slicer.mrmlScene, left, result.synthetic_proxy, result.jacobian_proxy, result.chart)
         slicer.util.resetSliceViews()
         try:
@@ -423,42 +489,53 @@ class InBrainSynSlicerLogic(ScriptedLoadableModuleLogic):
 
     def runSynthesisBlocking(self, p, onEvent=None, timeout_s: float = 1800.0):
         """Run the engine to the end and show the results (for scripts and the self-test)."""
-        process, _ = self.startSynthesis(p)
-        deadline = time.monotonic() + timeout_s
-        while process.is_running():
-            for event in process.poll():
-                if onEvent:
-                    onEvent(event)
-            if time.monotonic() > deadline:
-                process.cancel()
-                raise RuntimeError(f"the engine did not finish in {timeout_s:.0f} s")
-            slicer.app.processEvents()
-            time.sleep(0.05)
-        outcome = process.wait()
-        if not outcome.succeeded:
-            raise RuntimeError(outcome.message)
-        return self.showResults(outcome.manifest, p)
+        settings = runner_lib.capture_settings(p)
+        result = self.runner.run_to_end(settings, on_event=onEvent, timeout_s=timeout_s,
+                                        process_events=slicer.app.processEvents)
+        return self._show(result, settings)
 
     # -- dependencies
 
-    def installDependencies(self, reinstallEngine: bool = False) -> None:
-        """torch through the PyTorch extension, then the engine from this extension's folder."""
-        if "torch" in dependencies.missing_python_packages():
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError(
-                    "InBrainSyn needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, "
-                    "restart Slicer, then try again."
-                ) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=False) is None:
+    def installPlan(self, reinstallEngine: bool = False):
+        """What installing would do (nothing is installed yet): (dependencies.InstallPlan, engine source folder)."""
+        source = dependencies.engine_source_dir(MODULE_DIR)
+        if source is None:
+            raise RuntimeError(f"The InBrainSyn engine source was not found next to {MODULE_DIR}; reinstall the extension.")
+        missing = dependencies.missing_python_packages()
+        plan = dependencies.make_install_plan(
+            dependencies.read_engine_requirements(source), torch_installed="torch" not in missing,
+            engine_installed="inbrainsyn" not in missing, reinstall_engine=reinstallEngine)
+        return plan, source
+
+    def torchInstallArguments(self, torchRequirement: str):
+        """The light-the-torch arguments PyTorchUtils uses for ``torch<torchRequirement>`` (the engine's minimum),
+        or None when this PyTorchUtils cannot tell (then installTorch runs in the foreground)."""
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise RuntimeError(
+                "InBrainSyn needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, "
+                "restart Slicer, then try again."
+            ) from None
+        getter = getattr(PyTorchUtils.PyTorchUtilsLogic, "_getPipInstallArguments", None)
+        if getter is None:
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=torchRequirement)
+            if torch is None:
                 raise RuntimeError("PyTorch could not be installed; see the PyTorch module for details.")
-        if reinstallEngine or "inbrainsyn" in dependencies.missing_python_packages():
-            source = dependencies.engine_source_dir(MODULE_DIR)
-            if source is None:
-                raise RuntimeError(f"The InBrainSyn engine source was not found next to {MODULE_DIR}; reinstall the extension.")
-            slicer.util.pip_install(["--upgrade", str(source)])
+            return None
+        return list(getter(None, torchRequirement or None))
+
+    def startInstall(self, plan, source):
+        """Start the installation in the background (one command after the other); returns the Run."""
+        torchArgs = self.torchInstallArguments(plan.torch_requirement) if plan.torch_requirement is not None else None
+        python = self.pythonSlicerExecutable()
+        if not python:
+            raise RuntimeError("PythonSlicer was not found; is this running inside 3D Slicer?")
+        constraints = pathlib.Path(slicer.app.temporaryPath) / "InBrainSyn" / "bundled-constraints.txt"
+        commands = dependencies.install_commands(plan, python, source, constraints, torch_args=torchArgs)
+        run = self.runner.start_job(dependencies.CommandChain(commands), kind="install")
+        logging.info("InBrainSyn: installing dependencies: %s", run.process.argv[0])
+        return run
 
 
 #
@@ -467,7 +544,11 @@ class InBrainSynSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class InBrainSynSlicerTest(ScriptedLoadableModuleTest):
-    """The whole flow inside Slicer on a small phantom volume (needs the engine installed)."""
+    """The module inside Slicer: input checks, then the real engine on a small demo subject.
+
+    The engine part is skipped, saying why, when the engine or torch is not installed in Slicer's
+    Python (e.g. in an extension build's CTest before 'Install dependencies').
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -475,46 +556,54 @@ class InBrainSynSlicerTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_bad_inputs_disable_apply()
+        reason = selftest.engine_missing_reason()
+        if reason:
+            self.delayDisplay(f"InBrainSyn self-test: engine part skipped: {reason}")
+            raise unittest.SkipTest(reason)
         self.setUp()
         self.test_cancel_leaves_the_scene_unchanged()
         self.setUp()
-        self.test_full_flow_on_a_phantom()
+        self.test_full_flow_on_the_demo_subject()
 
     # -- helpers
 
     @staticmethod
-    def phantomVolume(name="phantom T1"):
-        """64 x 72 x 60 voxels, 2.5 mm: an ellipsoidal brain (grey/white) with two ventricles."""
+    def syntheticVolume(name="synthetic T1"):
+        """A small ellipsoid: enough for the input checks (not for the engine)."""
         import numpy as np
 
-        z, y, x = np.mgrid[0:60, 0:72, 0:64].astype(np.float32)
-        cz, cy, cx = 29.5, 35.5, 31.5
-        r2 = ((x - cx) / 26) ** 2 + ((y - cy) / 32) ** 2 + ((z - cz) / 24) ** 2
-        array = np.where(r2 <= 1, 0.55, 0.0).astype(np.float32)
-        array[r2 <= 0.6] = 0.8  # white matter
-        for side in (-1, 1):
-            vent = ((x - cx - 5 * side) / 3) ** 2 + ((y - cy) / 9) ** 2 + ((z - cz - 2) / 5) ** 2 <= 1
-            array[vent] = 0.15
-        node = slicer.util.addVolumeFromArray(array * 100.0, ijkToRAS=None, name=name)
-        node.SetSpacing(2.5, 2.5, 2.5)
-        node.SetOrigin(-80.0, -90.0, -75.0)
+        z, y, x = np.mgrid[0:30, 0:36, 0:32].astype(np.float32)
+        r2 = ((x - 15.5) / 13) ** 2 + ((y - 17.5) / 16) ** 2 + ((z - 14.5) / 12) ** 2
+        node = slicer.util.addVolumeFromArray(np.where(r2 <= 1, 80.0, 0.0).astype(np.float32), name=name)
+        node.SetSpacing(5.0, 5.0, 5.0)
+        return node
+
+    def demoVolume(self, name="demo subject"):
+        """The engine's demo subject at 3 mm (InBrainSynSlicerLib.selftest)."""
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="InBrainSynSelfTest-", dir=slicer.app.temporaryPath))
+        node = slicer.util.loadVolume(str(selftest.write_small_demo_subject(folder / "subject_3mm.nii.gz")))
+        node.SetName(name)
         return node
 
     def parameters(self, volume):
         logic = InBrainSynSlicerLogic()
         p = logic.getParameterNode()
         p.inputVolume = volume
-        p.age = 70.0
+        p.age = selftest.DEMO_AGE
         p.cohort = "HC"
         p.targetAges = "75, 80"
         p.conversionEnabled = False
         p.replaceResults = True
+        p.templateBank = ""
+        p.outputFolder = ""
+        p.pace = engine.PACE_DEFAULT
+        p.device = "cpu"
         return logic, p
 
     # -- tests
 
     def test_bad_inputs_disable_apply(self):
-        logic, p = self.parameters(self.phantomVolume())
+        logic, p = self.parameters(self.syntheticVolume())
         self.assertEqual(logic.problems(p), [])
         p.targetAges = "65"
         self.assertTrue(any("not after" in m for m in logic.problems(p)))
@@ -530,25 +619,29 @@ class InBrainSynSlicerTest(ScriptedLoadableModuleTest):
         self.assertTrue(any("2D" in m for m in input_volume.input_volume_problems(flat)))
         with self.assertRaises(ValueError):
             logic.startSynthesis(p)
+        self.assertFalse(logic.runner.busy())
 
     def test_cancel_leaves_the_scene_unchanged(self):
-        logic, p = self.parameters(self.phantomVolume())
+        logic, p = self.parameters(self.demoVolume())
         before = slicer.mrmlScene.GetNumberOfNodes()
-        process, _ = logic.startSynthesis(p)
-        time.sleep(1.0)
-        process.cancel()
-        outcome = process.wait(timeout=30)
-        self.assertIn(outcome.status, ("cancelled", "succeeded"))  # a very fast engine may finish first
-        if outcome.status == "cancelled":
-            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        run = logic.startSynthesis(p)
+        with self.assertRaises(runner_lib.RunAlreadyGoingError):
+            logic.startSynthesis(p)  # one run at a time
+        slicer.app.processEvents()
+        run.process.cancel()
+        outcome = run.process.wait(timeout=30)
+        logic.runner.release(run)
+        self.assertEqual(outcome.status, "cancelled")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
 
-    def test_full_flow_on_a_phantom(self):
+    def test_full_flow_on_the_demo_subject(self):
         import numpy as np
 
-        volume = self.phantomVolume()
+        volume = self.demoVolume()
+        other = self.demoVolume("other volume")
         original = slicer.util.arrayFromVolume(volume).copy()
         logic, p = self.parameters(volume)
-        self.delayDisplay("Running InBrainSyn on the phantom (this takes a while on CPU)")
+        self.delayDisplay("Running InBrainSyn on the demo subject at 3 mm (about a minute on CPU)")
         result = logic.runSynthesisBlocking(p, onEvent=lambda e: logging.info("InBrainSyn: %s", e))
         self.assertEqual(sorted(result.synthetic), [75.0, 80.0])
         self.assertEqual(result.sequence.GetIndexName(), "age")
@@ -556,7 +649,18 @@ class InBrainSynSlicerTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), original)  # input untouched
         composite = slicer.app.layoutManager().sliceWidget("Yellow").mrmlSliceCompositeNode()
         self.assertEqual(composite.GetBackgroundVolumeID(), result.synthetic_proxy.GetID())
-        # Running again with "replace" keeps one result folder for this input.
-        logic.runSynthesisBlocking(p)
+        # A second run with "replace", while the selector moves to another volume and "replace" is unticked:
+        # the results still belong to the run's own volume and replace its earlier ones.
+        run = logic.startSynthesis(p)
+        p.inputVolume = other
+        p.replaceResults = False
+        while run.process.is_running():
+            run.process.poll()
+            slicer.app.processEvents()
+        outcome = run.process.wait()
+        logic.runner.release(run)
+        self.assertTrue(outcome.succeeded, outcome.message)
+        logic.showResults(run, outcome.manifest)
         self.assertEqual(len(scene_lib.find_result_folders(slicer.mrmlScene, volume)), 1)
+        self.assertEqual(len(scene_lib.find_result_folders(slicer.mrmlScene, other)), 0)
         self.delayDisplay("InBrainSyn self-test passed")

@@ -6,9 +6,12 @@
 * ``scene``         add one run's results to an MRML scene, all or nothing
 * ``layout``        the side-by-side layout (baseline | synthetic at the browser's age + Jacobian)
 * ``snapshot``      render a slice view offscreen through Slicer's slice pipeline
+* ``runner``        one run at a time, with the settings captured when it started
 * ``headless``      a scene with the module logics, for tests and scripts outside Slicer
-* ``dependencies``  where the engine source ships, what is missing
+* ``dependencies``  where the engine source ships, what is missing, installing it in the background
+* ``slicer_versions`` the supported Slicer releases and what their Python bundles
+* ``selftest``      the self-test's input (the demo subject at 3 mm) and when to skip it
 
-Only ``manifest`` and ``engine`` avoid MRML; the others need ``import slicer`` (the desktop's, or
+Only ``manifest``, ``engine``, ``dependencies``, ``slicer_versions`` and ``selftest`` avoid MRML; the others need ``import slicer`` (the desktop's, or
 PyPI ``slicer-core``).
 """

@@ -15,6 +15,7 @@ Event stream (docs/CONTRACTS.md), one JSON object per stdout line::
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import os
 import queue
@@ -35,6 +36,18 @@ COHORTS = ("HC", "AD")
 TRANSPORT_METHODS = ("pole", "schild", "conjugation", "half-conjugation", "none")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINE_ENVIRONMENT_VARIABLE = "INBRAINSYN_ENGINE"
+# Ageing pace: the percentile of the cohort's ageing speed (``inbrainsyn synthesize --pace P``);
+# 50 is the cohort's median and the engine's default, so the module passes --pace only when it differs
+# (an engine older than --pace then still runs every default request).
+PACE_MIN = 1
+PACE_MAX = 99
+PACE_DEFAULT = 50
+
+# Windows process-creation flags (subprocess has them only on Windows; values from the Win32 API).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+STARTF_USESHOWWINDOW = 0x00000001
+SW_HIDE = 0
 
 
 class EngineMissingError(Exception):
@@ -55,6 +68,7 @@ class SynthesisRequest:
     device: str = "auto"
     bank: str | None = None
     skull_stripped: bool = False
+    pace: int = PACE_DEFAULT
 
 
 @dataclass
@@ -125,23 +139,32 @@ def check_ages(age: float, cohort: str, targets, conversion_enabled: bool = Fals
 # ---------------------------------------------------------------- command lines
 
 
-def find_engine(python_executable: str | None = None, environ=None) -> list[str]:
+def find_engine(python_executable: str | None = None, environ=None, probe: bool = True) -> list[str]:
     """The command prefix that starts the engine, e.g. ``[".../PythonSlicer", "-m", "inbrainsyn"]``.
 
     Order: the ``INBRAINSYN_ENGINE`` environment variable (a command line, e.g. the
     ``inbrainsyn`` of another Python environment), then ``python -m inbrainsyn`` with
     ``python_executable`` (Slicer's own Python, where the module installs the engine).
     Raises EngineMissingError with what to do when neither works.
+
+    ``probe=False``: ``python_executable`` runs *this* Python's environment (Slicer's PythonSlicer
+    launches the interpreter Slicer embeds), so look the engine up in-process
+    (``importlib.util.find_spec``, instant) instead of starting a probe process, which can take
+    seconds and must not run on Slicer's GUI thread.
     """
     environ = os.environ if environ is None else environ
     custom = environ.get(ENGINE_ENVIRONMENT_VARIABLE, "").strip()
     if custom:
         return shlex.split(custom, posix=os.name != "nt")
     python = python_executable or sys.executable
-    probe = subprocess.run(
-        [python, "-c", "import inbrainsyn, inbrainsyn.cli"], capture_output=True, text=True, timeout=120
-    )
-    if probe.returncode != 0:
+    if probe:
+        found = subprocess.run(
+            [python, "-c", "import inbrainsyn, inbrainsyn.cli"], capture_output=True, text=True, timeout=120,
+            **popen_platform_kwargs(new_group=False),
+        ).returncode == 0
+    else:
+        found = importlib.util.find_spec("inbrainsyn") is not None
+    if not found:
         raise EngineMissingError(
             f"The InBrainSyn engine is not installed in {python}. Press 'Install dependencies' in the "
             f"InBrainSyn module (or set {ENGINE_ENVIRONMENT_VARIABLE} to an inbrainsyn command)."
@@ -167,6 +190,8 @@ def synthesize_argv(engine: list[str], request: SynthesisRequest) -> list[str]:
         argv += ["--bank", request.bank]
     if request.skull_stripped:
         argv += ["--skull-stripped"]
+    if int(request.pace) != PACE_DEFAULT:
+        argv += ["--pace", str(int(request.pace))]
     return argv
 
 
@@ -219,6 +244,48 @@ def explain_failure(exit_code: int | None, error_message: str, stderr_tail: list
 # ---------------------------------------------------------------- the background process
 
 
+def popen_platform_kwargs(os_name: str | None = None, new_group: bool = True, startupinfo_factory=None) -> dict:
+    """Extra ``subprocess.Popen`` arguments so a background command behaves on every OS.
+
+    Windows: no console window (``CREATE_NO_WINDOW`` and a hidden ``STARTUPINFO``, as Slicer's
+    ``slicer.util.launchConsoleProcess`` does) and, with ``new_group``, its own process group.
+    POSIX: with ``new_group``, its own session (process group), so that :func:`kill_tree` reaches
+    the engine's children (DataLoader workers, pip's build back-ends) too.
+    """
+    os_name = os.name if os_name is None else os_name
+    if os_name == "nt":
+        factory = startupinfo_factory or getattr(subprocess, "STARTUPINFO")
+        info = factory()
+        info.dwFlags |= STARTF_USESHOWWINDOW
+        info.wShowWindow = SW_HIDE
+        flags = CREATE_NO_WINDOW | (CREATE_NEW_PROCESS_GROUP if new_group else 0)
+        return {"creationflags": flags, "startupinfo": info}
+    return {"start_new_session": True} if new_group else {}
+
+
+def kill_tree_argv(pid: int) -> list[str]:
+    """Windows: end ``pid`` and every process it started, at once. Without ``/F`` taskkill only *asks*
+    (WM_CLOSE), which a window-less console process never receives; ``/T`` takes the whole tree."""
+    return ["taskkill", "/F", "/T", "/PID", str(int(pid))]
+
+
+def kill_tree(pid: int, terminate: bool, os_name: str | None = None) -> None:
+    """Stop a process started with :func:`popen_platform_kwargs` and everything it started.
+
+    POSIX: SIGTERM (``terminate``) or SIGKILL to its process group (its id is the leader's pid, which
+    stays valid while any member lives, even after the leader exited). Windows: ``taskkill /F /T``
+    (there is no polite stop for a window-less console process).
+    """
+    os_name = os.name if os_name is None else os_name
+    if os_name == "nt":
+        subprocess.run(kill_tree_argv(pid), capture_output=True, **popen_platform_kwargs(os_name, new_group=False))
+        return
+    try:
+        os.killpg(int(pid), signal.SIGTERM if terminate else signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class EngineProcess:
     """One engine run in a child process, read by two daemon threads.
 
@@ -227,11 +294,13 @@ class EngineProcess:
     """
 
     def __init__(self, argv: list[str], env: dict | None = None, cwd: str | None = None, stderr_lines: int = 40,
-                 expected_manifest: str | None = None):
+                 expected_manifest: str | None = None, plain: bool = False):
         """``expected_manifest``: for a command that may print no JSON events (an older ``daninet preview``), a
-        clean exit leaving this file counts as success."""
+        clean exit leaving this file counts as success. ``plain``: a command that is not the engine (pip): exit
+        code 0 is success."""
         self.argv = list(argv)
         self.expected_manifest = expected_manifest
+        self.plain = plain
         self.env = env
         self.cwd = cwd
         self._events: queue.Queue = queue.Queue()
@@ -244,11 +313,7 @@ class EngineProcess:
 
     # -- starting
     def start(self) -> "EngineProcess":
-        kwargs = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            kwargs["start_new_session"] = True  # own process group: cancel reaches its children
+        kwargs = popen_platform_kwargs()  # own process group, no console window on Windows
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # events arrive as they are printed
         try:
@@ -313,26 +378,23 @@ class EngineProcess:
 
     # -- stopping
     def cancel(self, grace_s: float = 3.0) -> None:
-        """Stop the engine: SIGTERM to its process group, SIGKILL if still alive after ``grace_s``."""
+        """Stop the engine and every process it started.
+
+        POSIX: SIGTERM to its process group (the engine cleans up its temporary folder), then SIGKILL to
+        the group once the engine exited or ``grace_s`` passed, so no child outlives it. Windows:
+        ``taskkill /F /T`` at once.
+        """
         if self._process is None or self._process.poll() is not None:
             return
         self._cancelled = True
-        self._signal_group(terminate=True)
+        pid = self._process.pid
+        kill_tree(pid, terminate=True)
         try:
             self._process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            self._signal_group(terminate=False)
-            self._process.wait()
-
-    def _signal_group(self, terminate: bool) -> None:
-        pid = self._process.pid
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/PID", str(pid), "/T"] + ([] if terminate else ["/F"]), capture_output=True)
-            return
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGTERM if terminate else signal.SIGKILL)
-        except ProcessLookupError:
             pass
+        kill_tree(pid, terminate=False)  # the stragglers (or the engine itself after the grace period)
+        self._process.wait()
 
     # -- the end
     def outcome(self) -> EngineOutcome | None:
@@ -343,6 +405,8 @@ class EngineProcess:
         tail = list(self._stderr)
         if self._cancelled:
             return EngineOutcome("cancelled", code, message="Cancelled; nothing was added to the scene.", stderr_tail=tail)
+        if code == 0 and self.plain:
+            return EngineOutcome("succeeded", code, stderr_tail=tail)
         if code == 0 and self._last_result:
             return EngineOutcome("succeeded", code, manifest=self._last_result, stderr_tail=tail)
         if code == 0 and self.expected_manifest and Path(self.expected_manifest).is_file():

@@ -63,7 +63,7 @@ def input_volume_problems(node) -> list[str]:
     return problems
 
 
-def export_input_volume(node, path) -> Path:
+def export_input_volume(node, path, compress: bool = True) -> Path:
     """Write ``node`` to ``path`` (e.g. .nii.gz, ITK LPS) with a stand-alone storage node.
 
     The node is not modified: no storage node is attached to it and its data stays as it is.
@@ -72,7 +72,7 @@ def export_input_volume(node, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
-    storage.SetUseCompression(True)
+    storage.SetUseCompression(bool(compress))
     if not storage.WriteData(node):
         raise OSError(f"could not write '{node.GetName()}' to {path}")
     return path
