@@ -1,7 +1,7 @@
 """Static audit: does this source run on Python 3.9 (the Python of Slicer 5.6 and 5.8)?
 
-``ast.parse(..., feature_version=(3, 9))`` rejects 3.10+ grammar (``match``, parenthesised
-context managers, ``except*``); what the grammar allows but 3.9 fails on *at run time* is
+``ast.parse(..., feature_version=(3, 9))`` rejects 3.10+ grammar (``match``, ``except*``;
+parenthesised context managers are accepted, as CPython 3.9's own parser accepts them); what the grammar allows but 3.9 fails on *at run time* is
 looked for in the tree:
 
 * ``X | Y`` of types outside annotations (isinstance/issubclass, casts, default values, aliases):
