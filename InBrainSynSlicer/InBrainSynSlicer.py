@@ -12,6 +12,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 import unittest
 from typing import Annotated
 
@@ -657,6 +658,7 @@ class InBrainSynSlicerTest(ScriptedLoadableModuleTest):
         while run.process.is_running():
             run.process.poll()
             slicer.app.processEvents()
+            time.sleep(0.05)
         outcome = run.process.wait()
         logic.runner.release(run)
         self.assertTrue(outcome.succeeded, outcome.message)

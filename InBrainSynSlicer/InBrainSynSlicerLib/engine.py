@@ -158,10 +158,13 @@ def find_engine(python_executable: str | None = None, environ=None, probe: bool 
         return shlex.split(custom, posix=os.name != "nt")
     python = python_executable or sys.executable
     if probe:
-        found = subprocess.run(
-            [python, "-c", "import inbrainsyn, inbrainsyn.cli"], capture_output=True, text=True, timeout=120,
-            **popen_platform_kwargs(new_group=False),
-        ).returncode == 0
+        try:
+            found = subprocess.run(
+                [python, "-c", "import inbrainsyn, inbrainsyn.cli"], capture_output=True, text=True, timeout=120,
+                **popen_platform_kwargs(new_group=False),
+            ).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):  # no such Python, or it hangs
+            found = False
     else:
         found = importlib.util.find_spec("inbrainsyn") is not None
     if not found:

@@ -17,7 +17,6 @@ import pytest
 
 from InBrainSynSlicerLib import dependencies, engine, runner as runner_lib
 from InBrainSynSlicerLib import scene as scene_lib
-from test_slicer_input_volume import volume_node
 
 
 def parameters(volume, **changes):
@@ -30,7 +29,21 @@ def parameters(volume, **changes):
 
 
 def big_volume(scene, name):
-    return volume_node(scene, dims=(24, 26, 22), name=name)
+    """A 24 x 26 x 22 non-constant scalar volume (what the input checks accept)."""
+    import numpy as np
+    import vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(24, 26, 22)
+    image.AllocateScalars(vtk.VTK_FLOAT, 1)
+    scalars = image.GetPointData().GetScalars()
+    scalars.FillComponent(0, 0.0)
+    for i, v in enumerate(np.random.default_rng(0).uniform(0, 100, 50)):
+        scalars.SetValue(i, v)
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(2.0, 2.0, 2.0)
+    return node
 
 
 @pytest.fixture
@@ -211,3 +224,11 @@ def test_command_chain_cancel(tmp_path):
     started = time.monotonic()
     chain.cancel(grace_s=1.0)
     assert chain.outcome().status == "cancelled" and time.monotonic() - started < 5
+
+
+def test_the_module_looks_the_engine_up_without_starting_a_process(tmp_path):
+    """In Slicer, PythonSlicer runs Slicer's own environment: find_spec in-process, no probe on the GUI thread."""
+    missing = str(tmp_path / "no" / "PythonSlicer")  # probing it would fail: nothing is started
+    assert engine.find_engine(python_executable=missing, environ={}, probe=False) == [missing, "-m", "inbrainsyn"]
+    with pytest.raises(engine.EngineMissingError):
+        engine.find_engine(python_executable=missing, environ={}, probe=True)

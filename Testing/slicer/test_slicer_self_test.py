@@ -18,8 +18,9 @@ import pytest
 import slicer
 import vtk
 
-from InBrainSynSlicerLib import runner as runner_lib, scene as scene_lib, selftest
-from InBrainSynSlicerLib.input_volume import ijk_to_ras
+# Module imports only (no ``from module import name``): slicer-core's ``slicer`` package also imports the
+# files of this folder (it is named slicer), so a Lib module may still be initialising at this point.
+from InBrainSynSlicerLib import input_volume, runner as runner_lib, scene as scene_lib, selftest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,7 +103,7 @@ def test_self_test_flow_with_the_real_engine(headless, tmp_path):
     assert scene_lib.find_result_folders(scene, volume) and not scene_lib.find_result_folders(scene, other)
     np.testing.assert_array_equal(voxels(volume), original)  # the input is never modified
     for node in result.synthetic.values():  # outputs overlay the input exactly (CONTRACTS.md)
-        np.testing.assert_allclose(np.array(ijk_to_ras(node)), np.array(ijk_to_ras(volume)), atol=1e-4)
+        np.testing.assert_allclose(np.array(input_volume.ijk_to_ras(node)), np.array(input_volume.ijk_to_ras(volume)), atol=1e-4)
         assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     # The ageing is visible and plausible: the synthetic scans differ from the baseline, but not wildly.
     baseline = voxels(volume).astype(float)
