@@ -139,7 +139,8 @@ def make_install_plan(requirements, *, torch_installed: bool, engine_installed: 
         key = _canonical(name)
         version = version_of(name)
         if key in torch_names:
-            if not torch_installed:
+            too_old = torch_installed and version is not None and not version_satisfies(version.split("+")[0], requirement)
+            if not torch_installed or too_old:  # PyTorchUtils installs (or upgrades) it
                 plan.torch_requirement = requirement[len(name):].strip() or ""
             continue
         if key in bundled:

@@ -198,6 +198,13 @@ def test_install_commands_never_touch_bundled_packages(tmp_path):
     plan = dependencies.make_install_plan(["torch>=2.1"], torch_installed=False, engine_installed=True,
                                           version_of=lambda n: None)
     assert plan.torch_requirement == ">=2.1"
+    # An installed torch older than the engine's minimum is upgraded through PyTorchUtils; a recent one is kept.
+    old = dependencies.make_install_plan(["torch>=2.1"], torch_installed=True, engine_installed=True,
+                                         version_of=lambda n: "2.0.1+cu118")
+    assert old.torch_requirement == ">=2.1"
+    recent = dependencies.make_install_plan(["torch>=2.1"], torch_installed=True, engine_installed=True,
+                                            version_of=lambda n: "2.8.0+cpu")
+    assert recent.torch_requirement is None and recent.nothing_to_do
     commands = dependencies.install_commands(plan, "py", tmp_path, tmp_path / "c.txt",
                                              torch_args=["install", "torch>=2.1", "torchvision"])
     assert commands[-1] == ["py", "-m", "light_the_torch", "install", "torch>=2.1", "torchvision"]
