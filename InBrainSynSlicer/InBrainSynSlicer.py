@@ -229,7 +229,7 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for parameterName, widgetName in PATH_FIELDS.items():
                 widget = getattr(self.ui, widgetName)
                 value = runner_lib.path_text(getattr(self._parameterNode, parameterName))
-                if widget.currentPath != value:
+                if runner_lib.path_text(widget.currentPath) != value:  # (leave the text being typed alone)
                     widget.currentPath = value
         finally:
             self._updatingPathFields = False
