@@ -155,7 +155,7 @@ def test_recovers_a_known_smooth_deformation_of_a_phantom_without_folding():
     # the phantom has flat regions where no method can see motion: require 60 % of it recovered
     assert float(error.mean()) < 0.4 * float(before.mean())
     assert result.folding_fraction == 0.0
-    assert len(result.history) == sum(SMALL.iterations)
+    assert len(result.history) == sum(c["iterations"] for c in result.convergence) <= sum(SMALL.iterations)
 
 
 def test_mse_similarity_also_registers():

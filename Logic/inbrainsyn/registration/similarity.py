@@ -106,6 +106,27 @@ def lncc_with_derivative(fixed: torch.Tensor, warped: torch.Tensor, window: int 
     return cc, derivative
 
 
+def lncc_with_derivatives(fixed: torch.Tensor, warped: torch.Tensor, window: int = 7):
+    """Squared LNCC map and its pointwise derivatives with respect to both images.
+
+    Returns ``(cc, dcc_dJ, dcc_dI)``: the derivative with respect to ``warped`` (J) as in
+    :func:`lncc_with_derivative` and, by the symmetry of ``cc`` in I and J, with respect to
+    ``fixed`` (I): ``2 A / (B C) * ((J - mu_J) - (A / B) (I - mu_I))``.  For the symmetric
+    (middle-space) registration, where both images are warped.
+    """
+    mu_i, mu_j, a, b, c = _local_moments(fixed, warped, window)
+    a_over_c = a / c
+    a_over_b = a / b
+    bc = b.mul_(c)
+    cc = (a * a).div_(bc)
+    scale = (2.0 * a).div_(bc)
+    centred_i = fixed - mu_i
+    centred_j = warped - mu_j
+    d_j = (centred_i - centred_j * a_over_c).mul_(scale)
+    d_i = centred_j.sub_(centred_i.mul_(a_over_b)).mul_(scale)
+    return cc, d_j, d_i
+
+
 def mse_with_derivative(fixed: torch.Tensor, warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared difference map and the derivative of ``-(I - J)^2`` w.r.t. J: ``2 (I - J)``."""
     diff = fixed - warped

@@ -52,6 +52,7 @@ from inbrainsyn.registration.similarity import (
     SIMILARITIES,
     lncc_value_map,
     lncc_with_derivative,
+    lncc_with_derivatives,
     mse_with_derivative,
     weighted_mean,
 )
@@ -72,13 +73,16 @@ class SVFRegistrationConfig:
     similarity: str = "lncc"  # "lncc" (same modality, robust to intensity changes) or "mse"
     window: int = 5  # LNCC window (voxels of each level)
     levels: tuple[int, ...] = (4, 2, 1)  # image shrink factor of each level
-    iterations: tuple[int, ...] = (80, 40, 4)  # iterations per level
+    iterations: tuple[int, ...] = (200, 200, 20)  # largest number of iterations per level
     control_factors: tuple[int, ...] = (1, 2, 2)  # control grid = level grid shrunk by this
     step: float = 0.5  # largest update per iteration, control voxels
-    final_step_fraction: float = 0.3  # step decays linearly to step * this within a level
+    final_step_fraction: float = 0.3  # the step is halved on each plateau down to step * this
     fluid_sigma: float = 1.0  # Gaussian smoothing of each update, control voxels
-    diffusion_sigma: float = 1.0  # Gaussian smoothing of v after each update, control voxels
+    diffusion_sigma: float = 0.5  # Gaussian smoothing of v after each update, control voxels
     bch_order: int = 1  # 1: v + u; 2: v + u + 1/2 [v, u]
+    symmetric: bool = False  # forces from both images in the middle space (exp(v/2), exp(-v/2))
+    convergence_window: int = 10  # plateau test over this many iterations (0: run every iteration)
+    convergence_tolerance: float = 1e-4  # plateau: similarity gain per iteration below this (relative)
     crop_margin_mm: float = 12.0  # margin around the mask / foreground bounding box
     min_level_spacing_mm: float = 0.0  # skip levels finer than this (e.g. 2.0: stop at 2 mm, faster)
     num_threads: int | None = None  # torch CPU threads (None: leave torch's setting)
@@ -110,7 +114,8 @@ class SVFRegistrationResult:
     min_jacobian: float
     seconds: float
     device: str
-    history: list = field(default_factory=list)  # one dict per iteration: level, iteration, similarity
+    history: list = field(default_factory=list)  # one dict per iteration: level, iteration, similarity, step
+    convergence: list = field(default_factory=list)  # one dict per level: iterations run, why it stopped
     config: dict = field(default_factory=dict)
     box: dict = field(default_factory=dict)  # the registered region: start (z, y, x), size
     timings_s: dict = field(default_factory=dict)  # wall seconds per phase
@@ -304,6 +309,32 @@ class _Level:
         force = image_gradient(warped).mul_(derivative.unsqueeze(0))
         return float(value), force
 
+    def evaluate_symmetric(self, velocity: torch.Tensor, similarity: str, window: int):
+        """Similarity and force in the middle space: ``moving o exp(v/2)`` against ``fixed o exp(-v/2)``.
+
+        The force is the moving side's minus the fixed side's (each ``dS/dW grad W``): a step ``u``
+        of ``v`` moves each half by ``u/2`` in opposite directions, so both images pull alike and
+        swapping them negates ``v`` (inverse consistency by construction: ``exp(-v)`` is the inverse).
+        """
+        half = self.displacement(0.5 * velocity)
+        back = self.displacement(-0.5 * velocity)
+        warped_m = self.image_sampler.sample(self.moving, half)
+        warped_f = self.image_sampler.sample(self.fixed, back)
+        weight = None if self.weight is None else self.image_sampler.sample(self.weight, back)
+        if similarity == "lncc":
+            value_map, d_m, d_f = lncc_with_derivatives(warped_f, warped_m, window)
+            value = weighted_mean(value_map, weight)
+        else:
+            value_map, d_m = mse_with_derivative(warped_f, warped_m)
+            d_f = -d_m
+            value = -weighted_mean(value_map, weight)
+        if weight is not None:
+            d_m.mul_(weight)
+            d_f.mul_(weight)
+        force = image_gradient(warped_m).mul_(d_m.unsqueeze(0))
+        force.sub_(image_gradient(warped_f).mul_(d_f.unsqueeze(0)))
+        return float(value), force
+
     def score(self, velocity: torch.Tensor | None, similarity: str, window: int) -> float:
         """Similarity only (no force): for the reported initial and final values."""
         warped = self.moving if velocity is None else self.image_sampler.sample(self.moving, self.displacement(velocity))
@@ -319,6 +350,13 @@ class _Level:
 
     def regularise(self, velocity: torch.Tensor) -> torch.Tensor:
         return pyramid.apply_separable(velocity, self.smooth)
+
+
+def _plateau_halvings(final_step_fraction: float) -> int:
+    """Number of step halvings before a plateau ends a level (step * 2^-n >= final fraction)."""
+    if final_step_fraction >= 1.0:
+        return 0
+    return max(0, int(math.floor(math.log2(1.0 / final_step_fraction) + 1e-9)))
 
 
 def _rescale_velocity(velocity: torch.Tensor, old: _Level, new: _Level) -> torch.Tensor:
@@ -417,6 +455,7 @@ def _register(fixed, moving, spacing, mask, config, device, seed, progress, star
         total_cost, done_cost = max(sum(costs), 1), 0.0
 
         history: list[dict] = []
+        convergence: list[dict] = []
         timings = {"prepare": time.perf_counter() - started}
         velocity, previous = None, None
         threads = torch.get_num_threads()
@@ -431,11 +470,29 @@ def _register(fixed, moving, spacing, mask, config, device, seed, progress, star
                 velocity = torch.zeros((3, *level.control_shape), device=device)
             else:
                 velocity = _rescale_velocity(velocity, previous, level)
+            step = config.step
+            halvings = _plateau_halvings(config.final_step_fraction)
+            window = int(config.convergence_window)
+            values: list[float] = []
+            restart, stopped = 0, "max_iterations"
             for it in range(n_iter):
-                value, force = level.evaluate(velocity, config.similarity, config.window)
-                history.append({"level": index, "factor": factor, "iteration": it, "similarity": value})
-                decay = 1.0 - (1.0 - config.final_step_fraction) * it / max(n_iter - 1, 1)
-                update = level.update(force, config.step * decay)
+                if config.symmetric:
+                    value, force = level.evaluate_symmetric(velocity, config.similarity, config.window)
+                else:
+                    value, force = level.evaluate(velocity, config.similarity, config.window)
+                values.append(value)
+                history.append({"level": index, "factor": factor, "iteration": it, "similarity": value, "step": step})
+                if window > 0:
+                    if it - restart >= window:
+                        gain = (values[-1] - values[-1 - window]) / window
+                        if gain < config.convergence_tolerance * max(abs(values[-1]), 1e-3):
+                            if halvings == 0:
+                                stopped = "converged"
+                                break
+                            step, halvings, restart = 0.5 * step, halvings - 1, it
+                else:
+                    step = config.step * (1.0 - (1.0 - config.final_step_fraction) * it / max(n_iter - 1, 1))
+                update = level.update(force, step)
                 if config.bch_order == 2:
                     velocity = fields.bch(velocity, update, order=2)
                 else:
@@ -444,6 +501,11 @@ def _register(fixed, moving, spacing, mask, config, device, seed, progress, star
                 done_cost += costs[index] / max(n_iter, 1)
                 if progress is not None:
                     progress(min(done_cost / total_cost, 1.0) * 0.95, f"level {index + 1}/{len(plan)} (1/{factor} resolution), iteration {it + 1}/{n_iter}")
+            done_cost = sum(costs[: index + 1])
+            convergence.append({"level": index, "factor": factor, "control": control, "iterations": len(values),
+                                "max_iterations": n_iter, "stopped": stopped,
+                                "similarity_first": values[0] if values else None,
+                                "similarity_last": values[-1] if values else None})
             previous = level
             timings[f"level{index + 1}_1/{factor}"] = time.perf_counter() - level_started
 
@@ -475,6 +537,7 @@ def _register(fixed, moving, spacing, mask, config, device, seed, progress, star
         seconds=time.perf_counter() - started,
         device=str(device),
         history=history,
+        convergence=convergence,
         config=asdict(config),
         box={"start_zyx": list(box[0]), "size_zyx": list(box[1])},
         timings_s=timings,
