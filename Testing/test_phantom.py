@@ -14,6 +14,7 @@ from inbrainsyn.cli import main as cli_main
 from inbrainsyn.errors import InputError
 from inbrainsyn.phantom import COHORT_COLUMNS, PhantomConfig, make_phantom, read_cohort
 from inbrainsyn.templates.bank import load_bank
+from inbrainsyn.templates.regions import DEFAULT_BANK_LABELS
 
 SPACING = 3.0  # mm: keeps each subject to a few seconds
 
@@ -52,7 +53,7 @@ def test_phantom_writes_cohort_csv_images_labels_and_masks(phantom):
         mask = _array(row["mask_path"])
         assert set(np.unique(mask)) <= {0, 1}
         assert np.array_equal(mask > 0, labels > 0)
-        assert set(np.unique(labels)) <= set(range(8))
+        assert set(np.unique(labels)) <= {0, *DEFAULT_BANK_LABELS}  # the bank's regions incl. cortical parcels
         if row["group"] == "HC->AD":
             assert row["transition_age"] is not None
         else:

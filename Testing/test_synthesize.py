@@ -33,6 +33,7 @@ def sha(path):
         (["--targets", "120"], "beyond the template bank's last age"),
         (["--targets", "80", "--transition-age", "90"], "transition age 90"),
         (["--targets", "80", "--cohort", "AD", "--transition-age", "75"], "use it with --cohort HC"),
+        (["--targets", "80", "--pace", "100"], "--pace 100 is outside 1-99"),
     ],
 )
 def test_ages_are_checked_before_any_work(tmp_path, capsys, phantom_subject, extra, message):
@@ -94,3 +95,11 @@ def test_synthesize_end_to_end_on_a_phantom_subject(tmp_path, phantom_subject):
     assert volumes[(target, "whole_brain")] < volumes[(age, "whole_brain")]
     jacobian = sitk.GetArrayFromImage(sitk.ReadImage(str(out / next(o["path"] for o in manifest["outputs"] if o["kind"] == "jacobian"))))
     assert jacobian.min() > 0
+    # nothing changes outside the head (issue 13): beyond 10 mm from the brain mask J = 1 within 0.01,
+    # so there is no seam where the template's box ends on the input grid
+    import scipy.ndimage as ndi
+
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "brain_mask.nii.gz"))) > 0
+    far = ndi.distance_transform_edt(~brain, sampling=tuple(reversed(reference.GetSpacing()))) > 10.0
+    assert far.any() and np.abs(jacobian[far] - 1.0).max() < 0.01
+    assert manifest["inputs"]["pace"] == 50.0 and manifest["parameters"]["pace"] == 50.0

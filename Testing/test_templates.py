@@ -117,8 +117,11 @@ def test_hc_rates_accelerate_with_age_and_match_the_literature_at_the_reference_
     assert model.rate("hippocampus", "AD", 75.0) == pytest.approx(-0.0466)
     # Du 2006: +0.05 %/y per year of age on the hippocampal rate
     assert model.rate("hippocampus", "HC", 85.0) - model.rate("hippocampus", "HC", 75.0) == pytest.approx(-0.005, rel=0.02)
-    rates = [model.rate("cortical_gm", "HC", a) for a in (60, 70, 80, 90)]
-    assert all(b < a for a, b in zip(rates[:-1], rates[1:]))
+    # acceleration where the literature supports it (medial/lateral temporal, WM), none in frontal cortex
+    for region in ("lateral_temporal", "entorhinal_parahippocampal", "cerebral_wm"):
+        rates = [model.rate(region, "HC", a) for a in (60, 70, 80, 90)]
+        assert all(b < a for a, b in zip(rates[:-1], rates[1:])), region
+    assert model.rate("frontal", "HC", 60) == model.rate("frontal", "HC", 90)
 
 
 def test_converter_targets_lie_between_hc_and_ad_and_are_additive_in_log_volume():
@@ -354,7 +357,7 @@ def test_default_bank_loads_with_both_cohorts_and_is_labelled_a_model():
     assert bank.meta["learned_from_data"] is False
     assert set(CANONICAL_LABELS.values()) <= set(bank.label_names.values())
     size = sum(p.stat().st_size for p in bank.root.rglob("*") if p.is_file())
-    assert size <= 8 * 1024 * 1024, f"default bank is {size / 1e6:.1f} MB"
+    assert size <= 12 * 1024 * 1024, f"default bank is {size / 1e6:.1f} MB"  # Resources/ as a whole <= 30 MB
 
 
 def test_default_bank_templates_age_plausibly():

@@ -55,12 +55,16 @@ class SynthesisRequest:
     device: str = "auto"
     seed: int = 0
     transport_coarsening: int = 2  # transport on a grid this many times coarser than the bank's
+    pace: float = 50.0  # percentile of the cohort's atrophy rates (50 = typical; inbrainsyn.templates.pace)
 
     def validate(self, age_range: tuple[float, float]) -> None:
         """Check ages and choices against the bank; raise InputError with what to do."""
         lo, hi = age_range
         if self.cohort not in COHORTS:
             raise InputError(f"--cohort must be one of {', '.join(COHORTS)}, got {self.cohort!r}")
+        from inbrainsyn.templates.pace import check_pace
+
+        check_pace(self.pace)
         if self.transport not in TRANSPORT_METHODS:
             raise InputError(f"--transport must be one of {', '.join(TRANSPORT_METHODS)}, got {self.transport!r}")
         if not self.targets:
@@ -228,11 +232,17 @@ def transport_on_coarse_grid(u: torch.Tensor, v: torch.Tensor, method: str, fact
 
 def transported_ageing(subject: SubjectInTemplateSpace, request: SynthesisRequest, bank, device) -> list[TargetResult]:
     """For each target age: the cohort ageing ``u`` transported along ``v`` and its exponential."""
+    from inbrainsyn.templates.pace import bank_pace_sigma, pace_factor
+    from inbrainsyn.transport import fade_outside
+
     v = subject.velocity.to(device)
+    # the subject's head in template space: nothing moves outside it (skull, scalp, box edges)
+    head = fade_outside(fields.warp(fields.image_to_tensor(bank.mask), subject.displacement) > 0.5, bank.spacing_zyx)
+    factor = pace_factor(request.pace, bank_pace_sigma(bank))  # slow / typical / fast ageing: exp(m u)
     results = []
     for target in request.targets:
-        u = cohort_ageing_svf(bank, request.cohort, request.age, target, request.transition_age).to(device)
-        w = transport_on_coarse_grid(u, v, request.transport, request.transport_coarsening)
+        u = factor * cohort_ageing_svf(bank, request.cohort, request.age, target, request.transition_age).to(device)
+        w = transport_on_coarse_grid(u, v, request.transport, request.transport_coarsening) * head.to(device)
         results.append(TargetResult(age=float(target), velocity=w.cpu(), displacement=fields.accurate_exp(w).cpu()))
     return results
 
@@ -346,6 +356,7 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
                 "cohort": request.cohort,
                 "transition_age": request.transition_age,
                 "targets": [float(t) for t in request.targets],
+                "pace": request.pace,
             },
             "parameters": {**asdict(request), "bank": bank.describe() if hasattr(bank, "describe") else str(request.bank)},
             "diagnostics": {
@@ -369,5 +380,5 @@ def _title(request: SynthesisRequest) -> str:
     conversion = f", HC->AD at {request.transition_age:g}" if request.transition_age is not None else ""
     return (
         f"InBrainSyn: {Path(request.input_path).name}, age {request.age:g}, {request.cohort}{conversion}, "
-        f"transport {request.transport}"
+        f"transport {request.transport}, pace P{request.pace:g}"
     )

@@ -255,6 +255,28 @@ def _apply_mask(w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return w * mask.to(device=w.device, dtype=w.dtype).clamp(0.0, 1.0).unsqueeze(0)
 
 
+def fade_outside(inside: torch.Tensor, spacing_zyx, margin_mm: float = 2.0, ramp_mm: float = 6.0) -> torch.Tensor:
+    """Weights ``(Z, Y, X)`` for :func:`transport`'s ``mask``: 1 inside ``inside`` (boolean) and up to
+    ``margin_mm`` outside it, falling smoothly (smoothstep) to 0 at ``margin_mm + ramp_mm`` outside and
+    beyond, and 0 on the box faces.  With the subject's head (intracranial) region this keeps the
+    transported ageing inside the head, so nothing moves in skull, scalp or background and the field
+    vanishes before the edge of the template grid (no seam when it is mapped onto the input grid).
+    """
+    import numpy as np
+    import scipy.ndimage
+
+    outside = ~np.pad(inside.detach().cpu().numpy().astype(bool), 1, constant_values=False)
+    distance = scipy.ndimage.distance_transform_edt(outside, sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
+    t = np.clip((margin_mm + ramp_mm - distance) / max(ramp_mm, 1e-6), 0.0, 1.0)
+    weights = t * t * (3.0 - 2.0 * t)
+    for axis in range(3):  # the faces of the box stay still
+        index = [slice(None)] * 3
+        for end in (0, -1):
+            index[axis] = end
+            weights[tuple(index)] = 0.0
+    return torch.from_numpy(weights.astype(np.float32))
+
+
 def transport(
     u: torch.Tensor,
     along: torch.Tensor,

@@ -29,6 +29,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--targets", type=float, nargs="+", required=True, help="target ages (years), each above --age")
     parser.add_argument("--cohort", default="HC", choices=["HC", "AD"], help="ageing model: healthy (HC) or Alzheimer's (AD)")
     parser.add_argument("--transition-age", type=float, default=None, help="age of conversion from HC to AD (with --cohort HC)")
+    parser.add_argument("--pace", type=float, default=50.0,
+                        help="pace of ageing: percentile of the cohort's atrophy rates, 1-99 (default 50 = typical; "
+                        "10 = slow, 90 = fast; see docs/templates.md)")
     parser.add_argument("--skull-stripped", action="store_true", help="the input is already brain-extracted")
     parser.add_argument("-o", "--output", required=True, help="output folder (refused if it exists, unless --overwrite)")
     add_common_run_options(parser)
@@ -73,5 +76,6 @@ def run(args) -> int:
         skull_stripped=args.skull_stripped,
         device=args.device,
         seed=args.seed,
+        pace=args.pace,
     )
     return execute(request, args)

@@ -65,27 +65,83 @@ COHORTS = ("HC", "AD")
 
 @dataclass(frozen=True)
 class RegionRate:
-    """Annual volume change of one region at the reference age (fraction per year, negative = loss)."""
+    """Annual volume change of one region at the reference age (fraction per year, negative = loss).
+
+    ``acceleration``: relative change of the HC rate per year of age (None: the model's default);
+    ``ad_hc_ratio``: cross-sectional volume ratio of a typical mild-to-moderate AD patient to an HC
+    person of the same age (the model bank's AD templates; 1.0 = no difference).
+    """
 
     region: str
     hc: float
     ad: float
-    integration: str  # "log" (compounding) or "linear" (linear in volume from the base age)
+    integration: str  # "log" (compounding) or "linear" (linear in volume from the interval start)
     source: str
+    acceleration: float | None = None
+    ad_hc_ratio: float = 1.0
+    hc_range: tuple[float, float] | None = None  # literature range of the HC rate (%/y as fractions)
+    ad_range: tuple[float, float] | None = None
 
 
+# Regional rates (fraction per year at the reference age 75), acceleration (relative change of the HC
+# rate per year of age) and cross-sectional AD/HC ratio.  [v] = verified in an abstract or table,
+# [r] = recalled (approximate); see /work/shared/docs/ATROPHY_LITERATURE.md and docs/templates.md.
 DEFAULT_RATES: tuple[RegionRate, ...] = (
-    RegionRate("hippocampus", -0.0141, -0.0466, "log", "Barnes 2009 Neurobiol Aging (HC -1.41 %/y, AD -4.66 %/y)"),
-    RegionRate("amygdala", -0.0120, -0.0400, "log",
-               "assumption: ~85 % of the hippocampal rates (no figure in METHODS.md section 5)"),
-    RegionRate("cortical_gm", -0.0083, -0.0200, "log",
-               "HC: Crivello 2014 PLoS ONE (-0.83 %/y, 65-82 y); AD: assumption between whole-brain "
-               "-1.5..-3 %/y (Fox & Schott 2004) and local -5.3 %/y (Thompson 2003)"),
-    RegionRate("subcortical_gm", -0.0060, -0.0150, "log", "assumption (deep GM between WM and cortex)"),
-    RegionRate("cerebral_wm", -0.0060, -0.0100, "log",
-               "HC: Resnick 2003 J Neurosci (-3.1 cm3/y on ~500 cm3); AD: assumption (>= healthy)"),
-    RegionRate("lateral_ventricles", 0.0200, 0.0900, "linear", "de Leon 1989 (HC +2 %/y, AD +9 %/y)"),
+    RegionRate("hippocampus", -0.0141, -0.0466, "log",
+               "HC/AD: Barnes 2009 meta-analysis [v] (HC 0.85-1.73: Fraser 2015, Jack 2000 [v]; AD 3.5-4.7: Jack 2000, "
+               "Schuff 2012 [v]); acceleration: Du 2006 +0.05 %/y per year of age [v]; AD/HC 0.77: Shi 2009 [v]",
+               acceleration=0.035, ad_hc_ratio=0.77, hc_range=(-0.0173, -0.0085), ad_range=(-0.054, -0.035)),
+    RegionRate("amygdala", -0.0100, -0.0400, "log",
+               "HC 0.7-1.0, AD 3-4 %/y: Fjell 2009 / Holland 2009 [r]; AD/HC 0.76: Klein-Koerkamp 2014 [v]",
+               acceleration=0.035, ad_hc_ratio=0.76, hc_range=(-0.010, -0.007), ad_range=(-0.040, -0.030)),
+    RegionRate("entorhinal_parahippocampal", -0.0100, -0.0420, "log",
+               "Schuff 2012 [v]: parahippocampal HC 1.0, AD 4.2; entorhinal HC 1.1, AD 5.9 %/y; acceleration Du 2006 "
+               "(ERC +0.04 %/y per year) [v]; AD/HC 0.75 (entorhinal 0.61, Du 2001 [v]; whole gyrus: assumption)",
+               acceleration=0.035, ad_hc_ratio=0.75, hc_range=(-0.011, -0.010), ad_range=(-0.059, -0.042)),
+    RegionRate("lateral_temporal", -0.0070, -0.0280, "log",
+               "HC: superior temporal 0.9, fusiform 0.8 (Schuff 2012 [v]), temporal 0.5 (Fjell 2009 [v]); AD: superior "
+               "temporal 3.4, fusiform 4.0 (Schuff [v]), middle/inferior 2-3 [r]; accelerating (Storsve 2014 [v])",
+               acceleration=0.02, ad_hc_ratio=0.88, hc_range=(-0.009, -0.005), ad_range=(-0.040, -0.020)),
+    RegionRate("posterior_cingulate_precuneus", -0.0045, -0.0200, "log",
+               "HC 0.3-0.5, AD 1.5-2.5 %/y (McDonald 2009, Sabuncu 2011) [r]; early AD region (McDonald 2009 [v])",
+               acceleration=0.02, ad_hc_ratio=0.90, hc_range=(-0.005, -0.003), ad_range=(-0.025, -0.015)),
+    RegionRate("inferior_parietal", -0.0050, -0.0200, "log",
+               "HC 0.4-0.6, AD ~2 %/y (McDonald 2009) [r]; early AD region (McDonald 2009 [v])",
+               acceleration=0.01, ad_hc_ratio=0.90, hc_range=(-0.006, -0.004), ad_range=(-0.025, -0.015)),
+    RegionRate("frontal", -0.0050, -0.0120, "log",
+               "HC 0.5 %/y prefrontal (Fjell 2009 [v]), 0.4-0.6 [r]; AD 1-1.5 [r], later in AD (McDonald 2009 [v]); "
+               "no acceleration: prefrontal decelerates (Storsve 2014 [v]), global GM constant 65-82 (Crivello 2014 [v])",
+               acceleration=0.0, ad_hc_ratio=0.94, hc_range=(-0.006, -0.004), ad_range=(-0.015, -0.010)),
+    RegionRate("insula", -0.0050, -0.0150, "log", "HC 0.4-0.6, AD 1-2 %/y [r]",
+               acceleration=0.0, ad_hc_ratio=0.92, hc_range=(-0.006, -0.004), ad_range=(-0.020, -0.010)),
+    RegionRate("sensorimotor", -0.0030, -0.0038, "log",
+               "HC 0.2-0.4 %/y [r]; relatively spared in AD (Thompson 2003 [v]); AD set to 1.27x HC (recalled AD "
+               "values 0.5-1 %/y would be up to 2.5x HC)",
+               acceleration=0.0, ad_hc_ratio=0.97, hc_range=(-0.004, -0.002), ad_range=(-0.010, -0.005)),
+    RegionRate("occipital", -0.0035, -0.0045, "log",
+               "HC 0.2-0.5 %/y [r] (no mean change in primary visual cortex: Raz 2010 [v]); relatively spared in AD "
+               "(lateral occipital late, McDonald 2009 [v]); AD set to 1.29x HC (recalled AD 0.5-1.5 %/y)",
+               acceleration=0.0, ad_hc_ratio=0.96, hc_range=(-0.005, -0.002), ad_range=(-0.015, -0.005)),
+    RegionRate("cortical_gm", -0.0050, -0.0120, "log",
+               "other cortex (anterior/mid cingulate, superior parietal, Heschl, olfactory, cerebellar cortex): "
+               "whole-cortex HC 0.51 %/y (Storsve 2014 [v]); AD assumption as frontal",
+               acceleration=0.0, ad_hc_ratio=0.95, hc_range=(-0.0083, -0.0035), ad_range=(-0.015, -0.010)),
+    RegionRate("subcortical_gm", -0.0050, -0.0130, "log",
+               "basal ganglia and thalamus: HC thalamus 0.5-0.8, putamen 0.3-0.5, caudate 0-0.3 %/y [r]; AD 1-2 [r]; "
+               "thalamus/putamen affected at CDR 1-2 (Roh 2011 [v])",
+               acceleration=0.01, ad_hc_ratio=0.94, hc_range=(-0.008, -0.002), ad_range=(-0.020, -0.010)),
+    RegionRate("cerebral_wm", -0.0060, -0.0120, "log",
+               "HC: Resnick 2003 -3.1 cm3/y [v] on ~500 cm3, 0.4-0.7 %/y [r]; WM decline steepens after 70 "
+               "(BrainChart [r], nonlinear: Walhovd 2011 [v]); AD 1-1.5 %/y [r]",
+               acceleration=0.03, ad_hc_ratio=0.95, hc_range=(-0.007, -0.004), ad_range=(-0.015, -0.010)),
+    RegionRate("lateral_ventricles", 0.0300, 0.0800, "linear",
+               "HC +4.2 %/y (Schuff 2012 [v]), +1.4 cm3/y (Resnick 2003 [v]), doubling 60-85 [r]; AD +9.9 +/- 5.3 %/y "
+               "(Schuff 2012 [v]), +5-7 mL/y (Leung 2013 [r]); linear in volume (absolute mL/y, Leung 2013); "
+               "AD/HC 1.5 (1.4-1.6 [r])",
+               acceleration=0.0, ad_hc_ratio=1.5, hc_range=(0.02, 0.045), ad_range=(0.05, 0.15)),
 )
+V1_TYPE = "inbrainsyn-parametric-v1"
+MODEL_TYPE = "inbrainsyn-parametric-v2"
 
 
 @dataclass(frozen=True)
@@ -94,35 +150,53 @@ class AtrophyModel:
 
     rates: tuple[RegionRate, ...] = DEFAULT_RATES
     reference_age: float = 75.0
-    acceleration: float = 0.035  # relative increase of the HC rate per year of age (Du 2006)
-    base_age: float = 55.0  # both cohorts share the anatomy here; AD excess ramps in after it
-    ad_ramp_years: float = 10.0
+    acceleration: float = 0.035  # default relative increase of the HC rate per year of age (Du 2006)
+    base_age: float = 55.0  # youngest age of the bank
+    ad_ramp_years: float = 0.0  # v1 banks: AD excess ramps in over this many years after base_age; 0 = none
     min_rate_factor: float = 0.25
     balance_region: str = "csf"
+    linear_from: str = "start"  # "start": ventricles linear from the interval start; "base" (v1): from base_age
 
     # -- serialisation (bank.json "atrophy_model") -------------------------------------------
     def to_json(self) -> dict:
+        def entry(r: RegionRate) -> dict:
+            out = {"HC": r.hc, "AD": r.ad, "integration": r.integration, "source": r.source,
+                   "ad_hc_ratio": r.ad_hc_ratio}
+            if r.acceleration is not None:
+                out["acceleration_per_year"] = r.acceleration
+            if r.hc_range is not None:
+                out["HC_range"] = list(r.hc_range)
+            if r.ad_range is not None:
+                out["AD_range"] = list(r.ad_range)
+            return out
+
         return {
-            "type": "inbrainsyn-parametric-v1",
+            "type": MODEL_TYPE,
             "reference_age": self.reference_age,
             "acceleration_per_year": self.acceleration,
             "base_age": self.base_age,
             "ad_ramp_years": self.ad_ramp_years,
             "min_rate_factor": self.min_rate_factor,
             "balance_region": self.balance_region,
-            "rates_per_year": {
-                r.region: {"HC": r.hc, "AD": r.ad, "integration": r.integration, "source": r.source}
-                for r in self.rates
-            },
+            "linear_from": self.linear_from,
+            "rates_per_year": {r.region: entry(r) for r in self.rates},
         }
 
     @classmethod
     def from_json(cls, data: dict, where: str = "atrophy_model") -> "AtrophyModel":
-        if data.get("type") != "inbrainsyn-parametric-v1":
-            raise InputError(f"{where}: unknown atrophy model type {data.get('type')!r}; expected 'inbrainsyn-parametric-v1'")
+        kind = data.get("type")
+        if kind not in (V1_TYPE, MODEL_TYPE):
+            raise InputError(f"{where}: unknown atrophy model type {kind!r}; expected {MODEL_TYPE!r} (or {V1_TYPE!r})")
+        v1 = kind == V1_TYPE
         try:
+            def pair(value):
+                return None if value is None else (float(value[0]), float(value[1]))
+
             rates = tuple(
-                RegionRate(name, float(v["HC"]), float(v["AD"]), str(v.get("integration", "log")), str(v.get("source", "")))
+                RegionRate(name, float(v["HC"]), float(v["AD"]), str(v.get("integration", "log")), str(v.get("source", "")),
+                           acceleration=None if v.get("acceleration_per_year") is None else float(v["acceleration_per_year"]),
+                           ad_hc_ratio=float(v.get("ad_hc_ratio", 1.0)),
+                           hc_range=pair(v.get("HC_range")), ad_range=pair(v.get("AD_range")))
                 for name, v in data["rates_per_year"].items()
             )
             return cls(
@@ -130,11 +204,12 @@ class AtrophyModel:
                 reference_age=float(data.get("reference_age", 75.0)),
                 acceleration=float(data.get("acceleration_per_year", 0.035)),
                 base_age=float(data.get("base_age", 55.0)),
-                ad_ramp_years=float(data.get("ad_ramp_years", 10.0)),
+                ad_ramp_years=float(data.get("ad_ramp_years", 10.0 if v1 else 0.0)),
                 min_rate_factor=float(data.get("min_rate_factor", 0.25)),
                 balance_region=str(data.get("balance_region", "csf")),
+                linear_from=str(data.get("linear_from", "base" if v1 else "start")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise InputError(f"{where}: malformed atrophy model ({exc}); see docs/templates.md") from None
 
     @property
@@ -144,11 +219,14 @@ class AtrophyModel:
     def rate(self, region: str, cohort: str, age: float) -> float:
         """Annual rate (fraction per year) of ``region`` for ``cohort`` at ``age``."""
         r = self._rate_entry(region)
-        hc = r.hc * max(self.min_rate_factor, 1.0 + self.acceleration * (age - self.reference_age))
+        alpha = self.acceleration if r.acceleration is None else r.acceleration
+        hc = r.hc * max(self.min_rate_factor, 1.0 + alpha * (age - self.reference_age))
         if cohort == "HC":
             return hc
         if cohort == "AD":
-            ramp = min(1.0, max(0.0, (age - self.base_age) / self.ad_ramp_years))
+            ramp = 1.0
+            if self.ad_ramp_years > 0:
+                ramp = min(1.0, max(0.0, (age - self.base_age) / self.ad_ramp_years))
             return hc + (r.ad - r.hc) * ramp
         raise InputError(f"unknown cohort {cohort!r}; use one of {', '.join(COHORTS)}")
 
@@ -187,7 +265,15 @@ class AtrophyModel:
         r = self._rate_entry(region)
         if r.integration == "log":
             return multiplier * self.integrated_rate(region, cohort, age_from, age_to, transition_age)
-        # linear in volume from the base age: V(a) / V(base) = 1 + int_base^a r
+        if self.linear_from == "start":
+            # linear in volume from the interval's start: V(a1) / V(a0) = 1 + int_a0^a1 r (absolute mL/y);
+            # backwards in time is the exact negative of forwards
+            lo, hi = min(age_from, age_to), max(age_from, age_to)
+            ratio = 1.0 + multiplier * self.integrated_rate(region, cohort, lo, hi, transition_age)
+            if ratio <= 0.05:
+                raise InputError(f"atrophy model: {region} volume would vanish between ages {age_from} and {age_to}")
+            return math.log(ratio) if age_to >= age_from else -math.log(ratio)
+        # v1: linear in volume from the base age: V(a) / V(base) = 1 + int_base^a r
         base = min(self.base_age, age_from, age_to)
         start_cohort = "HC" if transition_age is not None else cohort
         v_from = 1.0 + multiplier * self.integrated_rate(region, start_cohort, base, age_from, transition_age)
@@ -195,6 +281,10 @@ class AtrophyModel:
         if v_from <= 0.05 or v_to <= 0.05:
             raise InputError(f"atrophy model: {region} volume would vanish between ages {age_from} and {age_to}")
         return math.log(v_to / v_from)
+
+    def cross_sectional_ad(self) -> dict[str, float]:
+        """``log(V_AD(a) / V_HC(a))`` per region: a typical mild-to-moderate AD patient vs an HC person."""
+        return {r.region: math.log(r.ad_hc_ratio) for r in self.rates}
 
     def targets(self, cohort: str, age_from: float, age_to: float, transition_age: float | None = None,
                 multipliers: dict[str, float] | None = None) -> dict[str, float]:
@@ -333,7 +423,8 @@ def split_deep_csf(maps: torch.Tensor, names: list[str], prescribed: dict[str, f
         return maps, names, prescribed
     csf_index = names.index(balance_region)
     inside = (maps.sum(0) > 0.5).numpy()
-    depth = scipy.ndimage.distance_transform_edt(inside, sampling=spacing_zyx)
+    # the box faces count as outside (e.g. the brainstem leaving the field of view is held there too)
+    depth = scipy.ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
     lo, hi = DEEP_CSF_DEPTH_MM
     weight = torch.from_numpy(np.clip((depth - lo) / (hi - lo), 0.0, 1.0)).float()
     deep = maps[csf_index] * weight
@@ -358,6 +449,7 @@ def solve_ageing_svf(
     full_rounds: int = 3,
     source_maps: torch.Tensor | None = None,
     pre_displacement: torch.Tensor | None = None,
+    fade_mm: float | None = None,
 ) -> AtrophySolution:
     """SVF u with ``anatomy o exp(u)`` realising the prescribed regional log-volume changes.
 
@@ -378,6 +470,12 @@ def solve_ageing_svf(
     phantom subject made from template maps) and the output will be made as
     ``source o (pre o exp(u))``, pass ``source_maps`` and ``pre_displacement`` so the full-grid rounds
     measure exactly that composition (same region order, deep-CSF split included automatically).
+    Nothing moves outside the intracranial volume (the union of the maps): the source is made
+    exactly zero-mean by putting the residual volume change in the balancing CSF (so the Neumann
+    solve adds no uniform divergence to the box), and the velocity is faded to zero over the
+    outermost ``fade_mm`` (default :data:`ICV_FADE_MM`) of the intracranial volume, which lie in the
+    extra-cerebral CSF.  The intracranial volume is then kept, the field is zero outside it and at
+    the box faces, and the fade's divergence lands in the CSF, whose volume the iteration measures.
     Returns an :class:`AtrophySolution`.
     """
     if region_maps.dim() != 4 or region_maps.shape[0] != len(region_names):
@@ -408,6 +506,12 @@ def solve_ageing_svf(
     anti_alias = tuple(max(0.0, 0.5 * (cs / s - 1.0)) for cs, s in zip(coarse_spacing, spacing_zyx))
     coarse_maps = _downsample_maps(maps, shape, anti_alias)
     sigma = tuple(smoothing_mm / cs for cs in coarse_spacing)
+    inside = (coarse_maps.sum(0) > 0.5).numpy()
+    fade_mm = ICV_FADE_MM if fade_mm is None else fade_mm
+    fade = icv_fade(inside, coarse_spacing, fade_mm)
+    fine_fade = icv_fade((maps.sum(0) > 0.5).numpy(), spacing_zyx, fade_mm)
+    balance = coarse_maps[region_names.index(balance_region)].double().numpy() * inside
+    balance = scipy.ndimage.gaussian_filter(balance, sigma, mode="constant")
 
     coefficients = -goal_vec.clone()  # log det target per region
     gain = torch.ones_like(goal_vec)  # d(achieved) / d(-coefficient) per region
@@ -418,7 +522,7 @@ def solve_ageing_svf(
     for _round in range(full_rounds):
         for _ in range(iterations):
             total_iterations += 1
-            velocity_coarse = _velocity_from_coefficients(coefficients, coarse_maps, sigma)
+            velocity_coarse = _velocity_from_coefficients(coefficients, coarse_maps, sigma, balance, fade)
             achieved = measure_log_changes(coarse_maps, fields.exp(velocity_coarse))
             history.append({n: float(a) for n, a in zip(region_names, achieved)})
             error = coarse_goal - achieved
@@ -434,6 +538,7 @@ def solve_ageing_svf(
                 first_round_gain = False
             coefficients = coefficients - RELAXATION * error / gain
         velocity = fields.resize_field(velocity_coarse, full_shape) if shape != full_shape else velocity_coarse
+        velocity = velocity * fine_fade.unsqueeze(0)  # zero outside the intracranial volume of the input grid too
         displacement = fields.exp(velocity)
         achieved_full = measure_log_changes(maps, displacement)
         if source_maps is not None:  # measure along the path that makes the output: source o (pre o exp(u))
@@ -463,8 +568,29 @@ def solve_ageing_svf(
     )
 
 
-def _velocity_from_coefficients(coefficients: torch.Tensor, maps: torch.Tensor, sigma) -> torch.Tensor:
-    """``grad(psi)`` with ``Laplace(psi) = G_sigma * sum_R c_R maps_R`` (Neumann)."""
+ICV_FADE_MM = 3.0  # the ageing velocity fades to zero over this depth below the intracranial surface
+# (inside the default bank's 5 mm extra-cerebral CSF shell, so the cortex itself is not held)
+
+
+def icv_fade(inside: np.ndarray, spacing_zyx, fade_mm: float) -> torch.Tensor:
+    """Weights ``(Z, Y, X)``: 0 outside ``inside``, rising smoothly (smoothstep) to 1 at ``fade_mm`` depth."""
+    # the box faces count as outside (e.g. the brainstem leaving the field of view is held there too)
+    depth = scipy.ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
+    # the outermost layer of voxels (depth one voxel) stays still, so the surface does not move
+    t = np.clip((depth - min(spacing_zyx)) / max(fade_mm, 1e-6), 0.0, 1.0)
+    return torch.from_numpy(t * t * (3.0 - 2.0 * t)).float()
+
+
+def _velocity_from_coefficients(coefficients: torch.Tensor, maps: torch.Tensor, sigma, balance: np.ndarray | None = None,
+                                fade: torch.Tensor | None = None) -> torch.Tensor:
+    """``fade * grad(psi)`` with ``Laplace(psi) = G_sigma * sum_R c_R maps_R`` (Neumann).
+
+    ``balance`` (weights, e.g. the smoothed CSF inside the skull) takes up the source's net sum, so the
+    source is exactly zero-mean and the Neumann solve needs no uniform correction over the box.
+    """
     source = torch.einsum("r,r...->...", coefficients.float(), maps).double().numpy()
     source = scipy.ndimage.gaussian_filter(source, sigma, mode="nearest")
-    return gradient_field(poisson_neumann(source))
+    if balance is not None and balance.sum() > 0:
+        source = source - (source.sum() / balance.sum()) * balance
+    velocity = gradient_field(poisson_neumann(source))
+    return velocity if fade is None else velocity * fade.unsqueeze(0)

@@ -12,15 +12,30 @@ A bank is a folder holding ``bank.json`` and image files on ONE common grid::
       "cohorts": {"HC": [{"age": 55, "image": "HC_055.nii.gz", "labels": "HC_055_labels.nii.gz"}, ...],
                   "AD": [...]},
       "intensity_scale": 0.00392,                 # optional: stored value x scale = intensity
-      "svfs": [{"cohort": "HC", "age_from": 55, "age_to": 60, "file": "svf_HC_055_060.nii.gz"}],  # optional
+      "svfs": [{"cohort": "HC", "age_from": 55, "age_to": 65, "file": "svf_HC_055_065.nii.gz"}],  # optional
+      "ageing_svfs": [{"cohort": "AD", "age_from": 55, "age_to": 65, "file": "ageing_AD_055_065.nii.gz",
+                       "scale": 0.002}],           # optional
       "atrophy_model": {...}                      # optional (model banks such as the default one)
     }
 
-Template ageing ``u`` between two ages (pull-back: ``template(a0) o exp(u) ~ template(a1)``) comes,
-in order of preference, from (1) the bank's atrophy model solved on the template's own label map,
-(2) the stored consecutive SVFs (``svfs``), composed with the BCH formula, (3) SVF registration
-of the two templates (cached).  Templates between listed ages are interpolated along the same
-ageing (geodesic ``exp(s u)``) when (1) or (2) is available, otherwise by linear intensity blending.
+Two kinds of SVF between consecutive listed ages (each ``template(a0) o exp(u)``-style, pull-back):
+
+* ``svfs``: the *template path*: ``template(a0) o exp(u) ~ template(a1)`` (what registering two
+  templates gives, e.g. for a learned bank such as AtlasGAN's).  Used to interpolate templates
+  between listed ages (geodesic ``exp(s u)``) and, when no ``ageing_svfs`` are given, as the ageing.
+* ``ageing_svfs``: the *individual's* ageing from ``template(a0)`` over ``a1 - a0`` years.  For HC
+  the two coincide; for AD they differ: the AD template at each age is a typical mild-to-moderate
+  AD patient of that age (a cross-section), while one patient ageing from a0 to a1 follows the
+  longitudinal AD rates (the default model bank stores both).
+
+A stored field may lie on a coarser grid spanning the same box (same origin, direction and corner
+voxel centres) and may be an integer image whose values times ``scale`` are mm; it is resampled to
+the bank grid on load.  Template ageing ``u`` between two ages (``template(a0) o exp(u) ~ aged``)
+comes, in order of preference, from (1) ``ageing_svfs``, (2) ``svfs`` (both composed with the BCH
+formula over consecutive pieces, fractions of a piece for ages between listed ones), (3) the bank's
+atrophy model solved on the template's own label map, (4) SVF registration of the two templates
+(cached).  Templates between listed ages follow ``svfs`` (or the model) when available, otherwise
+linear intensity blending.
 """
 
 from __future__ import annotations
@@ -211,27 +226,33 @@ def validate_bank(root: Path, data: dict) -> dict:
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
         problems.append(f"intensity_scale: must be a positive number, got {scale!r}")
 
-    # optional SVFs
-    svfs: dict[tuple[str, float, float], Path] = {}
-    for i, item in enumerate(data.get("svfs", []) or []):
-        tag = f"svfs[{i}]"
-        if not isinstance(item, dict) or not {"cohort", "age_from", "age_to", "file"} <= set(item):
-            problems.append(f"{tag}: needs cohort, age_from, age_to, file")
-            continue
-        if item["cohort"] not in entries:
-            problems.append(f"{tag}: cohort {item['cohort']!r} has no templates in this bank")
-            continue
-        a0 = _parse_age(item["age_from"], tag, problems)
-        a1 = _parse_age(item["age_to"], tag, problems)
-        path = _check_file(root, item["file"], f"{tag}.file", problems)
-        listed = [e.age for e in entries[item["cohort"]]]
-        if a0 is not None and a1 is not None:
-            if not (any(abs(a0 - a) < AGE_TOLERANCE for a in listed) and any(abs(a1 - a) < AGE_TOLERANCE for a in listed)):
-                problems.append(f"{tag}: ages {a0}->{a1} must be listed template ages of {item['cohort']}")
-            elif a1 <= a0:
-                problems.append(f"{tag}: age_to must exceed age_from")
-        if path is not None and a0 is not None and a1 is not None:
-            svfs[(item["cohort"], a0, a1)] = path
+    # optional SVFs (template path and individual ageing)
+    svfs: dict[tuple[str, float, float], tuple[Path, float]] = {}
+    ageing_svfs: dict[tuple[str, float, float], tuple[Path, float]] = {}
+    for key_name, target in (("svfs", svfs), ("ageing_svfs", ageing_svfs)):
+        for i, item in enumerate(data.get(key_name, []) or []):
+            tag = f"{key_name}[{i}]"
+            if not isinstance(item, dict) or not {"cohort", "age_from", "age_to", "file"} <= set(item):
+                problems.append(f"{tag}: needs cohort, age_from, age_to, file")
+                continue
+            if item["cohort"] not in entries:
+                problems.append(f"{tag}: cohort {item['cohort']!r} has no templates in this bank")
+                continue
+            a0 = _parse_age(item["age_from"], tag, problems)
+            a1 = _parse_age(item["age_to"], tag, problems)
+            path = _check_file(root, item["file"], f"{tag}.file", problems)
+            svf_scale = item.get("scale", 1.0)
+            if isinstance(svf_scale, bool) or not isinstance(svf_scale, (int, float)) or not svf_scale > 0:
+                problems.append(f"{tag}: scale must be a positive number (mm per stored unit), got {svf_scale!r}")
+                continue
+            listed = [e.age for e in entries[item["cohort"]]]
+            if a0 is not None and a1 is not None:
+                if not (any(abs(a0 - a) < AGE_TOLERANCE for a in listed) and any(abs(a1 - a) < AGE_TOLERANCE for a in listed)):
+                    problems.append(f"{tag}: ages {a0}->{a1} must be listed template ages of {item['cohort']}")
+                elif a1 <= a0:
+                    problems.append(f"{tag}: age_to must exceed age_from")
+            if path is not None and a0 is not None and a1 is not None:
+                target[(item["cohort"], a0, a1)] = (path, float(svf_scale))
 
     if problems:
         raise InputError(_problem_text(where, problems))
@@ -249,12 +270,13 @@ def validate_bank(root: Path, data: dict) -> dict:
         diff = _grid_difference(_grid_of(reader), reference)
         if diff:
             problems.append(f"{tag} ({path.name}): grid differs from the mask's ({diff}); resample all files to one grid")
-    for key, path in svfs.items():
+    for key, (path, _scale) in list(svfs.items()) + list(ageing_svfs.items()):
         reader = _header(path)
         if reader.GetNumberOfComponents() != 3:
             problems.append(f"svf {key} ({path.name}): must be a displacement-field image with 3 components")
-        elif _grid_difference(_grid_of(reader), reference):
-            problems.append(f"svf {key} ({path.name}): grid differs from the mask's ({_grid_difference(_grid_of(reader), reference)})")
+        elif _grid_difference(_grid_of(reader), reference) and not _same_box(_grid_of(reader), reference):
+            problems.append(f"svf {key} ({path.name}): grid differs from the mask's ({_grid_difference(_grid_of(reader), reference)}) "
+                            "and does not span the same box (same origin, direction and extent)")
     if problems:
         raise InputError(_problem_text(where, problems))
     for tag, path in [("labels", labels)] + [(f"{c} age {e.age:g} labels", e.labels)
@@ -268,8 +290,17 @@ def validate_bank(root: Path, data: dict) -> dict:
         problems.append(f"mask ({mask.name}): must be binary 0/1 with a non-empty brain (values {mask_values[:6].tolist()})")
     if problems:
         raise InputError(_problem_text(where, problems))
-    return {"entries": entries, "label_names": label_names, "grid": reference, "svfs": svfs, "model": model,
+    return {"entries": entries, "label_names": label_names, "grid": reference, "svfs": svfs, "ageing_svfs": ageing_svfs,
+            "model": model,
             "mask": mask, "labels": labels, "scale": float(scale) if scale is not None else None}
+
+
+def _same_box(a: fields.Grid, b: fields.Grid) -> bool:
+    """Grids spanning the same box: same origin and direction, same corner voxel centres."""
+    extent_a = np.asarray(a.spacing) * (np.asarray(a.size) - 1)
+    extent_b = np.asarray(b.spacing) * (np.asarray(b.size) - 1)
+    return (np.allclose(a.origin, b.origin, atol=1e-3) and np.allclose(a.direction, b.direction, atol=1e-4)
+            and np.allclose(extent_a, extent_b, atol=1e-2))
 
 
 def _problem_text(where: Path, problems: list[str]) -> str:
@@ -297,7 +328,8 @@ class Bank:
         self.grid: fields.Grid = parsed["grid"]
         self.model: atrophy.AtrophyModel | None = parsed["model"]
         self.intensity_scale: float | None = parsed["scale"]
-        self._svf_files: dict[tuple[str, float, float], Path] = parsed["svfs"]
+        self._svf_files: dict[tuple[str, float, float], tuple[Path, float]] = parsed["svfs"]
+        self._ageing_files: dict[tuple[str, float, float], tuple[Path, float]] = parsed.get("ageing_svfs", {})
         self._mask_path: Path = parsed["mask"]
         self._labels_path: Path = parsed["labels"]
         self._images: dict[Path, sitk.Image] = {}
@@ -333,7 +365,8 @@ class Bank:
         for c in self.cohorts:
             lines.append(f"  {c}: {len(self.entries[c])} templates, ages {', '.join(f'{a:g}' for a in self.ages(c))}")
         lines.append("  labels: " + ", ".join(f"{v}={n}" for v, n in sorted(self.label_names.items())))
-        source = "atrophy model" if self.model else ("stored SVFs" if self._svf_files else "registration of templates")
+        source = ("stored ageing SVFs" if self._ageing_files else "stored SVFs" if self._svf_files
+                  else "atrophy model" if self.model else "registration of templates")
         lines.append(f"  template ageing from: {source}")
         lines.append(f"  licence: {self.licence}")
         lines.append(f"  {self.description}")
@@ -409,14 +442,14 @@ class Bank:
 
     def _step_svf(self, cohort: str, lower: TemplateEntry, upper: TemplateEntry, age: float) -> torch.Tensor | None:
         """SVF from the listed template ``lower`` to ``age`` (inside the segment), or None."""
+        stored = self._svf_files.get((cohort, lower.age, upper.age))
+        if stored is not None:
+            return self._stored(stored) * ((age - lower.age) / (upper.age - lower.age))
         if self.model is not None:
             key = ("step", cohort, lower.age, round(float(age), 4))
             if key not in self._svf_cache:
                 self._svf_cache[key] = self._model_svf(cohort, lower.age, age, None, self._listed_labels(lower))
             return self._svf_cache[key]
-        stored = self._svf_files.get((cohort, lower.age, upper.age))
-        if stored is not None:
-            return self._stored(stored) * ((age - lower.age) / (upper.age - lower.age))
         return None
 
     # -- ageing ------------------------------------------------------------------------------
@@ -425,12 +458,12 @@ class Bank:
         """SVF ``u`` (``(3, Z, Y, X)`` voxel units on :attr:`grid`) with ``template(age_from) o exp(u) ~ template(age_to)``.
 
         With ``transition_age`` (HC -> AD conversion): HC ageing from ``age_from`` to the transition, then
-        AD ageing to ``age_to``, starting from the HC template at ``age_from``.  Model banks integrate the
-        rates piecewise and solve once on the HC template's labels (exact for the model).  Banks with
-        stored SVFs compose the HC and AD pieces with the second-order BCH formula, treating the AD
-        template at the transition age as if it coincided with the HC one (approximation: the
-        cross-cohort offset between the templates is not included).  Otherwise the templates are
-        registered: HC(age_from) to AD(age_to).
+        AD ageing to ``age_to``, starting from the HC template at ``age_from``.  Banks with stored
+        ``ageing_svfs`` (the default bank) or ``svfs`` compose the HC and AD pieces with the second-order
+        BCH formula, treating the AD template at the transition age as if it coincided with the HC one
+        (approximation: the cross-cohort offset between the templates is not included).  Model banks
+        without stored fields integrate the rates piecewise and solve once on the HC template's labels.
+        Otherwise the templates are registered: HC(age_from) to AD(age_to).
         """
         if transition_age is not None:
             if cohort != "AD":
@@ -451,11 +484,13 @@ class Bank:
         if key not in self._svf_cache:
             if abs(age_to - age_from) <= AGE_TOLERANCE:
                 velocity = torch.zeros((3, *self.grid.shape))
+            elif self._ageing_files:
+                velocity = self._stored_path_svf(cohort, age_from, age_to, transition_age, self._ageing_files)
+            elif self._svf_files:
+                velocity = self._stored_path_svf(cohort, age_from, age_to, transition_age, self._svf_files)
             elif self.model is not None:
                 velocity = self._model_svf(cohort, age_from, age_to, transition_age,
                                            self.labels_tensor(start_cohort, age_from))
-            elif self._svf_files:
-                velocity = self._stored_path_svf(cohort, age_from, age_to, transition_age)
             else:
                 velocity = self._registered_svf(start_cohort, cohort, age_from, age_to)
             self._svf_cache[key] = velocity
@@ -472,15 +507,20 @@ class Bank:
                                             solve_spacing_mm=max(3.0, min(self.grid.spacing)))
         return solution.velocity
 
-    def _stored(self, path: Path) -> torch.Tensor:
+    def _stored(self, stored: tuple[Path, float]) -> torch.Tensor:
+        """A stored SVF on the bank grid (voxel units): scaled, and resampled from a coarser grid."""
+        path, scale = stored
         if path not in self._svf_cache:
             from inbrainsyn import io
 
-            field, _ = io.read_field(path)
+            field, grid = io.read_field(path)
+            field = field * scale if scale != 1.0 else field
+            if tuple(grid.size) != tuple(self.grid.size):
+                field = fields.resize_field(field, self.grid.shape)
             self._svf_cache[path] = field
         return self._svf_cache[path]
 
-    def _stored_segments(self, cohort: str, a0: float, a1: float) -> list[torch.Tensor]:
+    def _stored_segments(self, cohort: str, a0: float, a1: float, files=None) -> list[torch.Tensor]:
         """Pieces ``s_k u_k`` of the stored consecutive SVFs covering a0 -> a1 (a0 < a1)."""
         entries = self._entries(cohort)
         pieces = []
@@ -488,14 +528,14 @@ class Bank:
             lo, hi = max(a0, lower.age), min(a1, upper.age)
             if hi - lo <= AGE_TOLERANCE:
                 continue
-            path = self._svf_files.get((cohort, lower.age, upper.age))
-            if path is None:
+            stored = (self._svf_files if files is None else files).get((cohort, lower.age, upper.age))
+            if stored is None:
                 raise ProcessingError(f"bank '{self.name}' has no stored SVF for {cohort} {lower.age:g}->{upper.age:g}; "
                                       "add it to 'svfs' or remove all 'svfs' so templates are registered")
-            pieces.append(self._stored(path) * ((hi - lo) / (upper.age - lower.age)))
+            pieces.append(self._stored(stored) * ((hi - lo) / (upper.age - lower.age)))
         return pieces
 
-    def _stored_path_svf(self, cohort: str, age_from: float, age_to: float, transition_age) -> torch.Tensor:
+    def _stored_path_svf(self, cohort: str, age_from: float, age_to: float, transition_age, files=None) -> torch.Tensor:
         """Compose stored pieces: ``log(exp(p1) o exp(p2) o ...)`` ~ BCH order 2, pairwise."""
         if transition_age is None:
             legs = [(cohort, age_from, age_to)]
@@ -503,7 +543,7 @@ class Bank:
             legs = [("HC", age_from, transition_age), ("AD", transition_age, age_to)]
         pieces = []
         for leg_cohort, a, b in legs:
-            forward = self._stored_segments(leg_cohort, min(a, b), max(a, b))
+            forward = self._stored_segments(leg_cohort, min(a, b), max(a, b), files)
             pieces += forward if b >= a else [-p for p in reversed(forward)]
         total = pieces[0]
         for piece in pieces[1:]:

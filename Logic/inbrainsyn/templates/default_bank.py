@@ -4,26 +4,34 @@ Inputs (offline, build time only; the outputs are committed to ``Resources/bank/
 
 * MNI152 2009a symmetric T1 and GM/WM probability maps, as shipped in the nilearn wheel
   (``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``);
-* the AAL atlas from Debian's ``mricron-data`` (``templates/aal.nii.gz``) for hippocampus (AAL 37/38),
-  amygdala (41/42) and deep grey nuclei (caudate, putamen, pallidum, thalamus: 71-78).
+* the AAL atlas and the brain it was drawn on (Colin27, ``ch2bet.nii.gz``) from Debian's
+  ``mricron-data``; AAL is carried onto MNI152 2009a through a nonlinear registration of Colin27
+  (:mod:`inbrainsyn.templates.atlas_labels`).
 
-Base anatomy (age 55, shared by both cohorts -- a documented choice: the MNI152 2009a average
-was built from young adults, so it stands for the youngest age of the bank):
+Base anatomy (age 55, the youngest age of the bank: the MNI152 2009a average was built from young
+adults):
 
 * brain = the skull-stripped T1's support (holes filled); the intracranial volume (ICV) adds a
-  2 mm shell of extra-cerebral CSF around it (intensity 0, as CSF is dark on T1);
+  5 mm shell of extra-cerebral CSF around it (intensity 0, as CSF is dark on T1);
 * tissue = argmax of (CSF = 1 - GM - WM, GM, WM) probabilities;
 * lateral ventricles = the deep CSF component (over 6 mm from the brain's surface) found at the
   bodies/atria of the lateral ventricles (seed points in MNI RAS mm below), grown back by 2 voxels
   into CSF; temporal horns are too thin in the template to be separated and stay CSF;
-* hippocampus / amygdala / subcortical GM = AAL labels on non-CSF tissue (AAL resampled to the
-  2009a grid by nearest neighbour; both are in MNI space);
-* cortical GM = remaining GM (cerebellar cortex included), cerebral WM = remaining WM
-  (cerebellar and brainstem WM included), csf = remaining CSF + the shell.
+* hippocampus / amygdala / subcortical GM = carried AAL labels on non-CSF tissue; the rest of the
+  GM is cortex, split into the atrophy model's parcels by the nearest carried AAL cortical label
+  (:data:`atlas_labels.CORTICAL_PARCELS`; cerebellar and other cortex stays ``cortical_gm``);
+  cerebral WM = remaining WM (cerebellar and brainstem WM included), csf = remaining CSF + the shell.
 
-Ageing: for each cohort the anatomy is aged in 5-year steps by :func:`atrophy.solve_ageing_svf`
-on the current (warped) partial-volume maps; deformations are composed and the base T1 and maps
-are warped once per age (no repeated interpolation).
+Templates and ageing fields (all solved by :func:`atrophy.solve_ageing_svf`, which keeps the
+intracranial volume and leaves everything outside it still):
+
+* HC(a), a = 55, 65, ..., 95: the base anatomy aged in 10-year steps at the HC rates; the step
+  SVFs are stored (``svfs`` and ``ageing_svfs`` of HC: for HC the template path is the ageing);
+* AD(a): HC(a) deformed by the cross-sectional AD/HC ratios (a typical mild-to-moderate AD patient
+  of age a); the AD template path between listed ages follows the HC steps (constant ratios);
+* ``ageing_svfs`` of AD: AD(a) aged 10 years at the longitudinal AD rates (what one patient does).
+
+Stored SVFs lie on a ~3 mm grid spanning the bank's box, as int16 (``scale`` mm per unit).
 """
 
 from __future__ import annotations
@@ -40,30 +48,38 @@ import torch
 
 from inbrainsyn import fields
 from inbrainsyn.errors import InputError
-from inbrainsyn.templates import atrophy
-from inbrainsyn.templates.regions import CANONICAL_LABELS, argmax_labels
+from inbrainsyn.templates import atlas_labels, atrophy
+from inbrainsyn.templates.pace import PACE_BASIS, PACE_SIGMA_LOG
+from inbrainsyn.templates.regions import DEFAULT_BANK_LABELS, argmax_labels, one_hot
 
 MNI_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
-AAL_HIPPOCAMPUS = (37, 38)
-AAL_AMYGDALA = (41, 42)
-AAL_SUBCORTICAL = (71, 72, 73, 74, 75, 76, 77, 78)
+AAL_HIPPOCAMPUS = atlas_labels.AAL_HIPPOCAMPUS
+AAL_AMYGDALA = atlas_labels.AAL_AMYGDALA
+AAL_SUBCORTICAL = atlas_labels.AAL_SUBCORTICAL
+MRICRON = Path("/tmp/mricron/usr/share/mricron/templates")
 VENTRICLE_SEEDS_RAS = ((8.0, -4.0, 20.0), (-8.0, -4.0, 20.0), (20.0, -35.0, 15.0), (-20.0, -35.0, 15.0))
-SHELL_MM = 2
+SHELL_MM = 5.0  # extra-cerebral CSF around the MNI brain mask: the ageing fades to zero inside it
+BOX_SHELL_MM = 2  # the box is cut around the brain dilated by this (6-connected voxels) + MARGIN_MM
 MARGIN_MM = 4
-STEP_AGES = tuple(range(55, 96, 5))  # ageing is solved in 5-year steps
-LISTED_AGES = (55, 65, 75, 85, 95)  # ...and stored every 10 years (size budget); the model interpolates
+LISTED_AGES = (55, 65, 75, 85, 95)  # templates every 10 years (size budget); SVFs between them
+SVF_SPACING_MM = 3.0  # stored SVFs: a ~3 mm grid spanning the bank's box (the fields are smooth)
+SVF_SCALE_MM = 0.002  # ...as int16, mm per stored unit (range +-65 mm)
+SOLVE_SPACING_MM = 3.0  # the fields are smooth (3 mm source smoothing); full-grid rounds keep it accurate
 
 DESCRIPTION = (
     "Default InBrainSyn template bank. THIS BANK IS A MODEL, NOT LEARNED FROM DATA: the anatomy is "
-    "the MNI152 2009a symmetric average (treated as age 55 for both cohorts) and its ageing is a "
-    "parametric regional atrophy model with annual rates from the literature (hippocampus, amygdala, "
-    "cortical and subcortical GM, WM shrink; lateral ventricles and CSF grow inside a fixed skull), "
-    "faster for AD than for healthy ageing (HC), realised as diffeomorphisms. Use it to run the "
-    "tool; for research-grade ageing bring a bank learned from longitudinal data (docs/templates.md)."
+    "the MNI152 2009a symmetric average (treated as an HC brain of 55) with AAL regions carried from "
+    "Colin27 by nonlinear registration; its ageing is a parametric regional atrophy model with annual "
+    "rates from the literature (medial temporal fastest in AD; sensorimotor and occipital cortex "
+    "relatively spared; ventricles and CSF grow inside a fixed skull; nothing moves outside it), "
+    "realised as diffeomorphisms. The AD template at each age is a typical mild-to-moderate AD patient "
+    "of that age (cross-sectional AD/HC ratios); one patient's AD ageing follows the longitudinal AD "
+    "rates (ageing_svfs). Use it to run the tool; for research-grade ageing bring a bank learned from "
+    "longitudinal data (docs/templates.md)."
 )
 
 
@@ -89,25 +105,34 @@ def _ras_to_index(image: sitk.Image, ras: tuple[float, float, float]) -> tuple[i
     return k, j, i
 
 
-def base_anatomy_1mm(mni_dir: Path, aal_path: Path) -> tuple[sitk.Image, sitk.Image]:
-    """T1 in [0, 1] (float32) and canonical label map (int16) on the MNI 2009a 1 mm grid, cropped
-    to the intracranial volume + margin."""
+def base_anatomy_1mm(mni_dir: Path, aal_path: Path, colin_path: Path | None = None,
+                     log=print) -> tuple[sitk.Image, sitk.Image, dict]:
+    """T1 in [0, 1] (float32) and label map (int16, :data:`DEFAULT_BANK_LABELS`) on the MNI 2009a 1 mm
+    grid, cropped to the intracranial volume + margin, and the AAL label-quality measurements."""
     t1 = _read(mni_dir / MNI_FILES["t1"])
     arr_t1 = sitk.GetArrayFromImage(t1).astype(np.float32) / 255.0
     gm = sitk.GetArrayFromImage(_read(mni_dir / MNI_FILES["gm"])).astype(np.float32) / 255.0
     wm = sitk.GetArrayFromImage(_read(mni_dir / MNI_FILES["wm"])).astype(np.float32) / 255.0
-    aal = sitk.GetArrayFromImage(
-        sitk.Resample(_read(aal_path), t1, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    )
-
     brain = ndi.binary_fill_holes(arr_t1 > 0)
+    colin_path = Path(colin_path) if colin_path else Path(aal_path).parent / "ch2bet.nii.gz"
+    mask_img = sitk.GetImageFromArray(brain.astype(np.uint8))
+    mask_img.CopyInformation(t1)
+    start = time.time()
+    carried = atlas_labels.aal_on_mni(t1, mask_img, _read(aal_path), _read(colin_path))
+    quality = {kind: {k: round(v, 4) for k, v in atlas_labels.label_quality(getattr(carried, kind), gm, wm, brain).items()}
+               for kind in ("identity", "affine", "nonlinear")}
+    quality["registration"] = {"lncc": round(carried.similarity, 4), "min_jacobian": round(carried.min_jacobian, 4),
+                               "seconds": round(time.time() - start, 1)}
+    log(f"AAL carried from Colin27 to MNI152 2009a: {quality}")
+    aal = sitk.GetArrayFromImage(carried.nonlinear)
+
     csf_p = np.clip(1.0 - gm - wm, 0.0, 1.0)
     tissue = np.argmax(np.stack([csf_p, gm, wm]), axis=0)  # 0 CSF, 1 GM, 2 WM
     ball = ndi.generate_binary_structure(3, 1)
-    icv = ndi.binary_dilation(brain, ball, iterations=SHELL_MM)
+    icv = ndi.distance_transform_edt(~brain, sampling=tuple(reversed(t1.GetSpacing()))) <= SHELL_MM
 
     labels = np.zeros(arr_t1.shape, np.int16)
-    names = {v: k for k, v in CANONICAL_LABELS.items()}
+    names = {v: k for k, v in DEFAULT_BANK_LABELS.items()}
     labels[icv] = names["csf"]
     labels[brain & (tissue == 1)] = names["cortical_gm"]
     labels[brain & (tissue == 2)] = names["cerebral_wm"]
@@ -115,6 +140,10 @@ def base_anatomy_1mm(mni_dir: Path, aal_path: Path) -> tuple[sitk.Image, sitk.Im
     labels[is_tissue & np.isin(aal, AAL_SUBCORTICAL)] = names["subcortical_gm"]
     labels[is_tissue & np.isin(aal, AAL_HIPPOCAMPUS)] = names["hippocampus"]
     labels[is_tissue & np.isin(aal, AAL_AMYGDALA)] = names["amygdala"]
+    cortex = labels == names["cortical_gm"]
+    parcel = atlas_labels.nearest_cortical_parcel(aal, cortex, tuple(reversed(t1.GetSpacing())))
+    for i, name in enumerate(atlas_labels.CORTICAL_PARCELS, start=1):
+        labels[cortex & (parcel == i)] = names[name]
 
     # lateral ventricles: deep CSF component at the seeds, grown back to the CSF boundary
     csf = brain & (tissue == 0)
@@ -136,7 +165,10 @@ def base_anatomy_1mm(mni_dir: Path, aal_path: Path) -> tuple[sitk.Image, sitk.Im
     labels[ventricles] = names["lateral_ventricles"]
 
     # crop to the ICV bounding box + margin
-    nz = np.argwhere(icv)
+    # the bank's box: the brain + 2 mm + MARGIN_MM, as in banks before the 5 mm shell, so the grid
+    # (which the shipped DaniNet weights are tied to) does not change; the shell may touch the faces,
+    # where the ageing is held still anyway
+    nz = np.argwhere(ndi.binary_dilation(brain, ball, iterations=BOX_SHELL_MM))
     lo = np.maximum(nz.min(0) - MARGIN_MM, 0)
     hi = np.minimum(nz.max(0) + MARGIN_MM + 1, np.array(icv.shape))
     crop = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
@@ -147,7 +179,7 @@ def base_anatomy_1mm(mni_dir: Path, aal_path: Path) -> tuple[sitk.Image, sitk.Im
         img.SetSpacing(t1.GetSpacing())
         img.SetDirection(t1.GetDirection())
         img.SetOrigin(origin)
-    return t1_img, lab_img
+    return t1_img, lab_img, quality
 
 
 def resample_to_spacing(t1: sitk.Image, labels: sitk.Image, spacing: float) -> tuple[sitk.Image, torch.Tensor, list[int]]:
@@ -167,44 +199,61 @@ def resample_to_spacing(t1: sitk.Image, labels: sitk.Image, spacing: float) -> t
             img = sitk.SmoothingRecursiveGaussian(img, sigma)
         return sitk.Resample(img, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
-    values = sorted(CANONICAL_LABELS)
+    values = sorted(DEFAULT_BANK_LABELS)
     maps = torch.stack([fields.image_to_tensor(down(labels == v)) for v in values]).clamp(0, 1)
     return down(t1), maps, values
 
 
-def age_cohort(t1: torch.Tensor, maps: torch.Tensor, names: list[str], spacing_zyx, model: atrophy.AtrophyModel,
-               cohort: str, ages: list[float], log=print) -> list[tuple[float, torch.Tensor, torch.Tensor, dict]]:
-    """Age the base anatomy along ``ages`` (ages[0] = base).  Returns per age (age, T1, maps, info)."""
-    out = [(float(ages[0]), t1, maps, {"achieved": {}, "goals": {}})]
-    total = torch.zeros((3, *t1.shape))
-    for a0, a1 in zip(ages[:-1], ages[1:]):
-        current = fields.warp(maps, total) if total.abs().max() > 0 else maps
-        start = time.time()
-        sol = atrophy.solve_ageing_svf(current, names, model.targets(cohort, a0, a1), spacing_zyx,
-                                       balance_region=model.balance_region)
-        step = fields.exp(sol.velocity)
-        total = fields.compose(total, step)
-        errors = sol.relative_errors()
-        log(f"  {cohort} {a0:.0f}->{a1:.0f}: {sol.iterations} it, {time.time() - start:.1f}s, min det {sol.min_jacobian:.2f}, "
-            f"max rel err {max(errors.values()):.3f}")
-        out.append((float(a1), fields.warp(t1, total), fields.warp(maps, total),
-                    {"goals": sol.goals, "achieved": sol.achieved}))
-    return out
+def coarse_svf_grid(grid: fields.Grid, spacing_mm: float = SVF_SPACING_MM) -> fields.Grid:
+    """A grid of about ``spacing_mm`` spanning the same box as ``grid`` (same corner voxel centres)."""
+    size = tuple(max(8, int(round((n - 1) * s / spacing_mm)) + 1) for n, s in zip(grid.size, grid.spacing))
+    spacing = tuple(s * (n - 1) / (m - 1) for s, n, m in zip(grid.spacing, grid.size, size))
+    return fields.Grid(size=size, spacing=spacing, origin=grid.origin, direction=grid.direction)
+
+
+def write_compact_svf(velocity: torch.Tensor, grid: fields.Grid, path: Path) -> None:
+    """Store an SVF (voxel units of ``grid``) on :func:`coarse_svf_grid` as int16 (``SVF_SCALE_MM`` mm/unit)."""
+    from inbrainsyn import io
+
+    coarse = coarse_svf_grid(grid)
+    small = fields.resize_field(velocity, coarse.shape)
+    mm = fields.field_to_physical(small, coarse) / SVF_SCALE_MM
+    if np.abs(mm).max() >= 32767:
+        raise InputError(f"{path.name}: SVF too large for int16 storage")
+    image = coarse.apply_to(sitk.GetImageFromArray(np.rint(mm).astype(np.int16), isVector=True))
+    io.write_image(image, path)
+
+
+def solve(maps: torch.Tensor, names: list[str], goals: dict, spacing_zyx, model: atrophy.AtrophyModel, what: str,
+          checks: dict, log=print) -> torch.Tensor:
+    """One atrophy-model solve with its checks recorded; returns the SVF."""
+    start = time.time()
+    # 12 x 4 iterations: thin cortical parcels next to faster neighbours (e.g. sensorimotor between
+    # frontal and parietal cortex in AD) need more than the solver's default 8 x 3 to get within a few %
+    sol = atrophy.solve_ageing_svf(maps, names, goals, spacing_zyx, balance_region=model.balance_region,
+                                   solve_spacing_mm=SOLVE_SPACING_MM, iterations=12, full_rounds=4)
+    errors = sol.relative_errors()
+    worst = sorted(errors, key=errors.get)[-3:]
+    log(f"  {what}: {sol.iterations} it, {time.time() - start:.1f}s, min det {sol.min_jacobian:.2f}, worst "
+        + ", ".join(f"{n} {sol.achieved[n]:+.3f}/{sol.goals[n]:+.3f}" for n in worst))
+    checks[what] = {"min_jacobian": round(sol.min_jacobian, 3),
+                    **{n: {"goal": round(sol.goals[n], 4), "achieved": round(sol.achieved[n], 4)} for n in sol.goals}}
+    return sol.velocity
 
 
 def build_default_bank(out_dir: Path, mni_dir: Path | None = None, aal_path: Path | None = None,
-                       spacing: float = 1.5, step_ages=STEP_AGES, listed_ages=LISTED_AGES,
+                       spacing: float = 1.5, listed_ages=LISTED_AGES, colin_path: Path | None = None,
                        log=print) -> Path:
     """Build the default bank into ``out_dir`` (written atomically by the caller's staging)."""
     from inbrainsyn import io
 
     mni_dir = Path(mni_dir) if mni_dir else find_mni_dir()
-    aal_path = Path(aal_path) if aal_path else Path("/tmp/mricron/usr/share/mricron/templates/aal.nii.gz")
+    aal_path = Path(aal_path) if aal_path else MRICRON / "aal.nii.gz"
     start = time.time()
-    t1_1mm, labels_1mm = base_anatomy_1mm(mni_dir, aal_path)
+    t1_1mm, labels_1mm, quality = base_anatomy_1mm(mni_dir, aal_path, colin_path, log=log)
     t1_img, maps, values = resample_to_spacing(t1_1mm, labels_1mm, spacing)
     grid = fields.Grid.from_sitk(t1_img)
-    names = [CANONICAL_LABELS[v] for v in values]
+    names = [DEFAULT_BANK_LABELS[v] for v in values]
     spacing_zyx = tuple(reversed(grid.spacing))
     t1 = fields.image_to_tensor(t1_img)
     model = atrophy.AtrophyModel()
@@ -222,44 +271,64 @@ def build_default_bank(out_dir: Path, mni_dir: Path | None = None, aal_path: Pat
         io.write_image(fields.tensor_to_image(argmax_labels(m, values), grid, sitk.sitkUInt8), out_dir / name)
         return name
 
+    def save_svf(u: torch.Tensor, name: str) -> str:
+        write_compact_svf(u, grid, out_dir / name)
+        return name
+
     base_labels = save_labels(maps, "labels.nii.gz")
     mask = (argmax_labels(maps, values) > 0).to(torch.uint8)
     io.write_image(fields.tensor_to_image(mask, grid, sitk.sitkUInt8), out_dir / "mask.nii.gz")
-    cohorts: dict[str, list] = {}
     checks: dict[str, dict] = {}
-    for cohort in atrophy.COHORTS:
-        entries = []
-        for age, image, aged_maps, info in age_cohort(t1, maps, names, spacing_zyx, model, cohort, list(step_ages), log):
-            if info["goals"]:
-                checks[f"{cohort} {age - (step_ages[1] - step_ages[0]):g}->{age:g}"] = {
-                    n: {"goal": round(info["goals"][n], 4), "achieved": round(info["achieved"][n], 4)}
-                    for n in info["goals"]
-                }
-            if not any(abs(age - a) < 1e-6 for a in listed_ages):
-                continue
-            if cohort != "HC" and abs(age - model.base_age) < 1e-6 and "HC" in cohorts:
-                entries.append(dict(cohorts["HC"][0]))  # both cohorts share the base anatomy: same files
-                continue
-            stem = f"{cohort}_{age:03.0f}"
-            entries.append({
-                "age": age,
-                "image": save_uint8(image, f"{stem}.nii.gz"),
-                "labels": save_labels(aged_maps, f"{stem}_labels.nii.gz"),
-            })
-        cohorts[cohort] = entries
+    cohorts: dict[str, list] = {"HC": [], "AD": []}
+    svfs: list[dict] = []
+    ageing: list[dict] = []
+    ages = [float(a) for a in listed_ages]
+    hc_total = torch.zeros((3, *t1.shape))
+    for i, age in enumerate(ages):
+        hc_maps = fields.warp(maps, hc_total) if i else maps
+        stem = f"{age:03.0f}"
+        cohorts["HC"].append({"age": age, "image": save_uint8(fields.warp(t1, hc_total) if i else t1, f"HC_{stem}.nii.gz"),
+                              "labels": save_labels(hc_maps, f"HC_{stem}_labels.nii.gz")})
+        # AD(a): a typical mild-to-moderate AD patient of this age = HC(a) with the cross-sectional ratios
+        d = solve(hc_maps, names, model.cross_sectional_ad(), spacing_zyx, model, f"AD/HC cross-section at {age:g}", checks, log)
+        ad_total = fields.compose(hc_total, fields.exp(d))
+        ad_maps = fields.warp(maps, ad_total)
+        cohorts["AD"].append({"age": age, "image": save_uint8(fields.warp(t1, ad_total), f"AD_{stem}.nii.gz"),
+                              "labels": save_labels(ad_maps, f"AD_{stem}_labels.nii.gz")})
+        if i + 1 == len(ages):
+            break
+        nxt = ages[i + 1]
+        tag = f"{age:03.0f}_{nxt:03.0f}"
+        u_hc = solve(hc_maps, names, model.targets("HC", age, nxt), spacing_zyx, model, f"HC {age:g}->{nxt:g}", checks, log)
+        hc_file = save_svf(u_hc, f"svf_HC_{tag}.nii.gz")
+        u_ad = solve(ad_maps, names, model.targets("AD", age, nxt), spacing_zyx, model, f"AD {age:g}->{nxt:g}", checks, log)
+        ad_file = save_svf(u_ad, f"ageing_AD_{tag}.nii.gz")
+        piece = {"age_from": age, "age_to": nxt, "scale": SVF_SCALE_MM}
+        svfs += [{"cohort": "HC", **piece, "file": hc_file}, {"cohort": "AD", **piece, "file": hc_file}]
+        ageing += [{"cohort": "HC", **piece, "file": hc_file}, {"cohort": "AD", **piece, "file": ad_file}]
+        hc_total = fields.compose(hc_total, fields.exp(u_hc))
 
     bank = {
         "format": "inbrainsyn-bank-v1",
-        "name": "InBrainSyn default model bank (MNI152 2009a + literature atrophy model)",
+        "name": "InBrainSyn default model bank (MNI152 2009a + regional literature atrophy model)",
         "description": DESCRIPTION,
         "provenance": {
             "anatomy": "MNI152 2009a symmetric T1, GM, WM (ICBM, McConnell Brain Imaging Centre), from the nilearn wheel",
-            "regions": "AAL (Tzourio-Mazoyer 2002) from Debian mricron-data: hippocampus 37/38, amygdala 41/42, "
-                       "caudate/putamen/pallidum/thalamus 71-78; ventricles and CSF from the MNI tissue maps",
-            "ageing": "parametric atrophy model (inbrainsyn.templates.atrophy), see atrophy_model and docs/templates.md",
+            "regions": "AAL (Tzourio-Mazoyer 2002) from Debian mricron-data, carried from the brain it was drawn on "
+                       "(Colin27, ch2bet) onto MNI152 2009a by affine + SVF registration (inbrainsyn.registration, "
+                       "default parameters); hippocampus 37/38, amygdala 41/42, caudate/putamen/pallidum/thalamus "
+                       "71-78, cortical parcels (inbrainsyn.templates.atlas_labels); ventricles and CSF from the "
+                       "MNI tissue maps",
+            "aal_label_quality": quality,
+            "ageing": "parametric regional atrophy model (inbrainsyn.templates.atrophy), see atrophy_model and docs/templates.md",
+            "templates": "HC: base anatomy aged at the HC rates; AD(a) = HC(a) deformed by the cross-sectional AD/HC "
+                         "ratios (typical mild-to-moderate AD at age a); AD template path between listed ages follows "
+                         "the HC steps (constant ratios)",
+            "ageing_svfs": "HC: the HC steps; AD: AD(a) aged at the longitudinal AD rates (one patient's ageing)",
             "builder": "inbrainsyn bank build (inbrainsyn.templates.default_bank.build_default_bank)",
             "base_age": model.base_age,
             "spacing_mm": spacing,
+            "svf_grid": {"size": list(coarse_svf_grid(grid).size), "scale_mm": SVF_SCALE_MM},
             "build_seconds": round(time.time() - start, 1),
         },
         "licence": "MNI152 2009a: free use with the copyright notice of the McConnell Brain Imaging Centre "
@@ -269,8 +338,11 @@ def build_default_bank(out_dir: Path, mni_dir: Path | None = None, aal_path: Pat
         "intensity_scale": 1.0 / 255.0,
         "mask": "mask.nii.gz",
         "labels": base_labels,
-        "label_names": {str(v): CANONICAL_LABELS[v] for v in values},
+        "label_names": {str(v): DEFAULT_BANK_LABELS[v] for v in values},
         "cohorts": cohorts,
+        "svfs": svfs,
+        "ageing_svfs": ageing,
+        "pace": {"sigma_log": PACE_SIGMA_LOG, "basis": PACE_BASIS},
         "atrophy_model": model.to_json(),
         "build_checks_log_volume_change": checks,
     }

@@ -9,7 +9,8 @@ Summary regions reported everywhere (``volumes.csv``, evaluation), from the cano
 * ``ventricles``  = lateral_ventricles
 * ``hippocampus`` = hippocampus
 * ``amygdala``    = amygdala
-* ``gm``          = cortical_gm + subcortical_gm + hippocampus + amygdala (all grey matter)
+* ``gm``          = cortical_gm + subcortical_gm + hippocampus + amygdala + the cortical parcels
+                    (:data:`CORTICAL_PARCEL_LABELS`, when a bank has them): all grey matter
 * ``wm``          = cerebral_wm
 * ``whole_brain`` = every tissue label, i.e. all labels except csf and lateral_ventricles
 """
@@ -32,6 +33,20 @@ CANONICAL_LABELS: dict[int, str] = {
 }
 REQUIRED_LABEL_NAMES = tuple(CANONICAL_LABELS.values())
 
+# Optional cortical parcels of the regional atrophy model (the default bank labels them 8-15; they
+# are cortical grey matter, so they count in ``gm``; ``cortical_gm`` is then the remaining cortex).
+CORTICAL_PARCEL_LABELS: dict[int, str] = {
+    8: "entorhinal_parahippocampal",
+    9: "lateral_temporal",
+    10: "posterior_cingulate_precuneus",
+    11: "inferior_parietal",
+    12: "frontal",
+    13: "insula",
+    14: "sensorimotor",
+    15: "occipital",
+}
+DEFAULT_BANK_LABELS: dict[int, str] = {**CANONICAL_LABELS, **CORTICAL_PARCEL_LABELS}
+
 # Labels that are fluid, not tissue.
 FLUID_LABEL_NAMES = ("csf", "lateral_ventricles")
 
@@ -39,9 +54,10 @@ SUMMARY_REGIONS: dict[str, tuple[str, ...]] = {
     "ventricles": ("lateral_ventricles",),
     "hippocampus": ("hippocampus",),
     "amygdala": ("amygdala",),
-    "gm": ("cortical_gm", "subcortical_gm", "hippocampus", "amygdala"),
+    "gm": ("cortical_gm", "subcortical_gm", "hippocampus", "amygdala", *CORTICAL_PARCEL_LABELS.values()),
     "wm": ("cerebral_wm",),
-    "whole_brain": ("cortical_gm", "subcortical_gm", "hippocampus", "amygdala", "cerebral_wm"),
+    "whole_brain": ("cortical_gm", "subcortical_gm", "hippocampus", "amygdala", "cerebral_wm",
+                    *CORTICAL_PARCEL_LABELS.values()),
 }
 
 

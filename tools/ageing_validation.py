@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Validation table and atrophy-map figure of the default ageing model (docs/templates.md).
+
+    python tools/ageing_validation.py [--bank DIR] [--figure docs/images/atrophy_map_70.png]
+
+Prints a Markdown table: per region and cohort the model's annual rate at 65, 75 and 85, its
+cumulative change 60 -> 90 (one person), the literature range it comes from, and for HC the
+learned-template anchor (AtlasGAN CN templates, SynthSeg volumes at 60/70/80/90 y, issue 13) beside
+the change of our HC templates 60 -> 90 measured on the bank.  Writes the figure: the 10-year
+atrophy map (local volume change, %) of HC and AD at 70 on the template, three planes, one colour scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+
+# AtlasGAN CN templates (Fjr9516/Atlas-GAN example/CN_templates), SynthSeg volumes (mL) at 60/70/80/90 y,
+# as given in issue 13.  Cortex / cerebral WM of SynthSeg against our cortical GM (all parcels) / cerebral WM.
+ATLASGAN = {
+    "hippocampus": (10.61, 10.18, 9.62, 9.40),
+    "lateral_ventricles": (32.5, 37.6, 45.8, 50.1),
+    "cortex (all parcels)": (605.0, 602.0, 597.0, 594.0),
+    "cerebral_wm": (614.0, 602.0, 586.0, 579.0),
+}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def table(bank) -> str:
+    from inbrainsyn.templates.regions import CORTICAL_PARCEL_LABELS, regional_volumes_ml  # noqa: F401
+
+    model = bank.model
+    lines = ["| Region | Cohort | rate 65 | rate 75 | rate 85 (%/y) | 60→90 (one person) | literature (%/y) | AtlasGAN CN 60→90 | our HC templates 60→90 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    measured = template_changes(bank)
+    for r in model.rates:
+        for cohort in ("HC", "AD"):
+            rates = [model.rate(r.region, cohort, a) for a in (65, 75, 85)]
+            cumulative = math.exp(model.log_volume_change(r.region, cohort, 60, 90)) - 1
+            rng = r.hc_range if cohort == "HC" else r.ad_range
+            lit = f"{100 * min(rng, key=abs):+.2f} to {100 * max(rng, key=abs):+.2f}" if rng else "-"
+            anchor = ours = ""
+            key = r.region if r.region in ATLASGAN else None
+            if cohort == "HC" and key:
+                v = ATLASGAN[key]
+                anchor = f"{100 * (v[-1] / v[0] - 1):+.1f} %"
+            if cohort == "HC" and r.region in measured:
+                ours = f"{100 * measured[r.region]:+.1f} %"
+            lines.append(f"| {r.region} | {cohort} | {_pct(rates[0])} | {_pct(rates[1])} | {_pct(rates[2])} | "
+                         f"{100 * cumulative:+.0f} % | {lit} | {anchor} | {ours} |")
+    v = ATLASGAN["cortex (all parcels)"]
+    lines.append(f"| cortex (all parcels) | HC | | | | | +0.51 (Storsve 2014) | {100 * (v[-1] / v[0] - 1):+.1f} % | "
+                 f"{100 * measured['cortex (all parcels)']:+.1f} % |")
+    return "\n".join(lines)
+
+
+def template_changes(bank) -> dict[str, float]:
+    """Relative volume change of the HC templates 60 -> 90 (partial volumes of one-hot maps)."""
+    import torch
+
+    from inbrainsyn import fields
+    from inbrainsyn.templates.regions import CORTICAL_PARCEL_LABELS, one_hot
+
+    values = sorted(bank.label_names)
+    labels = bank.labels_tensor("HC", 60).long()
+    maps = one_hot(labels, values)
+    u = bank.ageing_svf("HC", 60, 90)
+    after = fields.warp(maps, fields.exp(u)).sum(dim=(1, 2, 3))
+    before = maps.sum(dim=(1, 2, 3))
+    out = {bank.label_names[v]: float(a / b) - 1 for v, a, b in zip(values, after, before)}
+    cortex = [i for i, v in enumerate(values) if bank.label_names[v] in (*CORTICAL_PARCEL_LABELS.values(), "cortical_gm")]
+    out["cortex (all parcels)"] = float(after[cortex].sum() / before[cortex].sum()) - 1
+    del torch
+    return out
+
+
+def figure(bank, path: Path, age: float = 70.0, years: float = 10.0, limit: float = 40.0) -> Path:
+    """10-year atrophy map of HC and AD at ``age`` on the template, three planes, one colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from inbrainsyn import fields
+
+    rows = []
+    for cohort in ("HC", "AD"):
+        u = bank.ageing_svf(cohort, age, age + years)
+        ratio = fields.jacobian_determinant(fields.exp(-u)).numpy()  # future / baseline volume at each point
+        template = fields.image_to_tensor(bank.template(cohort, age)).numpy()
+        labels = bank.labels_tensor(cohort, age).numpy()
+        rows.append((cohort, template, 100.0 * (ratio - 1.0), labels > 0))
+    hipp = [v for v, n in bank.label_names.items() if n == "hippocampus"][0]
+    points = np.argwhere(bank.labels_tensor("HC", age).numpy() == hipp)
+    one_side = points[points[:, 2] > points[:, 2].mean()]  # one hippocampus (the array's upper x half)
+    zc, yc, xc = (int(round(c)) for c in one_side.mean(0))
+    planes = (("axial", lambda a: a[zc, ::-1, ::-1]), ("coronal", lambda a: a[::-1, yc, ::-1]), ("sagittal", lambda a: a[::-1, :, xc]))
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7.4), facecolor="black")
+    for r, (cohort, template, change, head) in enumerate(rows):
+        for c, (plane, cut) in enumerate(planes):
+            ax = axes[r, c]
+            ax.imshow(cut(template), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            overlay = np.ma.masked_where(~cut(head) | (np.abs(cut(change)) < 1.0), cut(change))
+            im = ax.imshow(overlay, cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.85, interpolation="nearest")
+            ax.set_title(f"{cohort} {age:g} -> {age + years:g} y, {plane}", color="white", fontsize=10)
+            ax.axis("off")
+    cbar = fig.colorbar(im, ax=axes, fraction=0.025, pad=0.02)
+    cbar.set_label("local volume change in 10 years (%)  (blue: shrinks, red: grows)", color="white")
+    cbar.ax.yaxis.set_tick_params(color="white")
+    plt.setp(cbar.ax.get_yticklabels(), color="white")
+    fig.suptitle("Default model bank: 10-year atrophy map at 70 on the template (same colour scale)", color="white")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, facecolor="black")
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bank", default=None, help="bank folder (default: the shipped one)")
+    parser.add_argument("--figure", default="docs/images/atrophy_map_70.png", help="figure path ('' for none)")
+    args = parser.parse_args()
+    from inbrainsyn.templates import load_bank
+
+    bank = load_bank(args.bank)
+    print(table(bank))
+    if args.figure:
+        print(f"\nfigure: {figure(bank, Path(args.figure))}")
+
+
+if __name__ == "__main__":
+    main()
