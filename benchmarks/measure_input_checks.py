@@ -63,8 +63,9 @@ def remap(image: sitk.Image, levels: tuple[float, float, float]) -> sitk.Image:
     """Piecewise-linear intensity remap sending the class medians (CSF, GM, WM) to ``levels`` x WM."""
     a, (c1, c2, c3) = class_medians(image)
     top = float(a.max())
-    xs = [0.0, c1, c2, c3, max(top, c3 + 1e-3)]
-    ys = [0.0, levels[0] * c3, levels[1] * c3, levels[2] * c3, levels[2] * c3]
+    # everything from half the CSF class's median up to it is fluid (dark ventricles included)
+    xs = [0.0, 0.5 * c1, c1, c2, c3, max(top, c3 + 1e-3)]
+    ys = [0.0, levels[0] * c3, levels[0] * c3, levels[1] * c3, levels[2] * c3, levels[2] * c3]
     out = sitk.GetImageFromArray(np.interp(a, xs, ys).astype(np.float32))
     out.CopyInformation(image)
     return out
