@@ -45,3 +45,26 @@ def small_demo_subject(path: Path, spacing: float = 3.0) -> Path:
     """The shipped demo subject (synthetic, skull on) resampled to ``spacing`` mm."""
     sitk.WriteImage(resample_to(sitk.ReadImage(str(DEMO)), spacing, sitk.sitkLinear), str(path))
     return path
+
+
+def t2_like(image: sitk.Image) -> sitk.Image:
+    """T1 contrast inverted inside the head (WM dark, CSF bright), as the issue's T2-like test scan."""
+    import numpy as np
+
+    a = sitk.GetArrayFromImage(image).astype(np.float32)
+    head = a > 0.1 * np.percentile(a, 99)
+    top = np.percentile(a[head], 99)
+    out = sitk.GetImageFromArray(np.where(head, np.clip(top - a, 0, None) + 0.1 * top, a).astype(np.float32))
+    out.CopyInformation(image)
+    return out
+
+
+def crop_top(image: sitk.Image, keep: float) -> sitk.Image:
+    """Keep the top ``keep`` fraction of the head (the superior part), as a scan with a short field of view."""
+    import numpy as np
+
+    oriented = sitk.DICOMOrient(image, "LPS")  # index z increases towards superior
+    a = sitk.GetArrayViewFromImage(oriented)
+    head = np.where((a > 0.1 * np.percentile(a, 99)).any(axis=(1, 2)))[0]
+    first = int(round(head.max() - keep * (head.max() - head.min())))
+    return oriented[:, :, first:]

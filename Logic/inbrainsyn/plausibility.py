@@ -41,9 +41,12 @@ MIN_COVERAGE = 0.85
 # GM-CSF >= 0.30; T2/FLAIR/PD-like remaps: WM-GM <= -0.08.  The thresholds sit in the gap.
 MIN_WM_GM_MARGIN = 0.04
 MIN_GM_CSF_MARGIN = 0.08
-# Adult volumes (mL): intracranial volume (brain mask: tissue + CSF) and brain tissue (GM + WM).
-ICV_RANGE_ML = (900.0, 2200.0)
-BRAIN_RANGE_ML = (600.0, 1800.0)
+# Adult volumes in the engine's units (mL): intracranial (every template label: tissue + CSF) and brain
+# tissue (GM + WM), as the registered template measures them.  The template's labels are generous
+# (MNI152 itself measures ICV 2070 / brain 1701 mL), so the adult ranges of the literature (ICV ~1050-1950,
+# brain ~850-1600 mL) are scaled by the template's inflation (~1.12 ICV, ~1.2 brain) and widened by 10 %.
+ICV_RANGE_ML = (1050.0, 2400.0)
+BRAIN_RANGE_ML = (800.0, 2100.0)
 # Fit: local correlation of template and subject after registration (below: no brain found).
 MIN_FIT_SIMILARITY = 0.25
 
