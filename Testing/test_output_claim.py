@@ -146,3 +146,19 @@ def test_write_errors_become_a_clear_output_error(tmp_path):
         with io.staged_output_dir(out) as stage:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stage / "big.nii.gz"))
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_cut_nifti_is_detected(tmp_path):
+    """ITK's NIfTI writer leaves a truncated file on a full disk without an error: write_image checks."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((20, 30, 40)).astype(np.float32))
+    for name in ("a.nii.gz", "b.nii"):
+        path = io.write_image(image, tmp_path / name)
+        assert io._nifti_complete(path, image)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])  # what a full disk leaves
+        assert not io._nifti_complete(path, image)
+    labels = sitk.Cast(sitk.GetImageFromArray(np.arange(24, dtype=np.int16).reshape(2, 3, 4)), sitk.sitkInt16)
+    assert io._nifti_complete(io.write_image(labels, tmp_path / "l.nii.gz"), labels)

@@ -169,7 +169,33 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
             sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
         except RuntimeError as exc:  # ITK reports a full disk or a read-only folder as a RuntimeError
             raise OutputError(write_failure_message(Path(path), str(exc))) from None
+        if not _nifti_complete(tmp, image):
+            raise OutputError(write_failure_message(Path(path), "the file was cut short: No space left on device?"))
     return Path(path)
+
+
+def _nifti_complete(path: Path, image: sitk.Image) -> bool:
+    """Whether a NIfTI file just written holds all its voxels.
+
+    ITK's NIfTI writer does NOT fail on a full disk: it prints ``NWAD: wrote only 0 of N bytes`` and
+    leaves a truncated file (measured on a 200 kB tmpfs; NRRD and MHA writers do raise).  A complete
+    ``.nii`` is at least header + data long; a complete ``.nii.gz`` ends with the gzip trailer whose
+    last 4 bytes are the uncompressed size mod 2^32 (header + data), which a cut file lacks.
+    """
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return True
+    data = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    size = path.stat().st_size
+    if name.endswith(".nii"):
+        return size >= data + 348
+    if size < 18:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(handle.read(4), "little")
+    header = (isize - data) % 2**32  # header + extensions: 348..(a few kB)
+    return 348 <= header <= 65536
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
