@@ -263,7 +263,8 @@ def _lock_file(handle) -> bool:
     try:
         if fcntl is not None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:  # Windows
+        else:  # Windows (untested): lock the first byte
+            handle.seek(0)
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         return True
     except OSError:
