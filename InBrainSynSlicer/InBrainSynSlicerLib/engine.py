@@ -443,10 +443,12 @@ def output_folder_for(base_dir, input_name: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in input_name) or "input"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(base_dir)
-    candidate = base / f"{safe}-{stamp}"
+    base.mkdir(parents=True, exist_ok=True)
     n = 1
-    while candidate.exists():
-        n += 1
-        candidate = base / f"{safe}-{stamp}-{n}"
-    candidate.mkdir(parents=True)
-    return candidate
+    while True:  # mkdir is the exclusive claim: two Slicer windows in the same second get two folders
+        candidate = base / (f"{safe}-{stamp}" if n == 1 else f"{safe}-{stamp}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1

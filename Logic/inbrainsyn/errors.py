@@ -25,3 +25,21 @@ class ProcessingError(InBrainSynError):
     """A processing step failed (e.g. registration found no brain)."""
 
     exit_code = 4
+
+
+class OutputBusyError(InBrainSynError):
+    """Another run is writing the same output folder right now."""
+
+    exit_code = 7
+
+
+class OutputError(InBrainSynError):
+    """Outputs could not be written (no space, no permission): nothing was published."""
+
+    exit_code = 5
+
+
+class ImplausibleInputError(InBrainSynError):
+    """The input is a valid image but not what the method needs (contrast, coverage, size, fit)."""
+
+    exit_code = 6

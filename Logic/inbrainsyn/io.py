@@ -9,16 +9,26 @@ into place at the end), so a failure never leaves half-written outputs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from inbrainsyn.errors import InputError, OutputExistsError
+from inbrainsyn.errors import InputError, OutputBusyError, OutputError, OutputExistsError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -155,8 +165,52 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     Compression level 1: files ~10% larger than the default level but written several times faster.
     """
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
+        try:
+            sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
+        except RuntimeError as exc:  # ITK reports a full disk or a read-only folder as a RuntimeError
+            raise OutputError(write_failure_message(Path(path), str(exc))) from None
+        if not _nifti_complete(tmp, image):
+            raise OutputError(write_failure_message(Path(path), "the file was cut short: No space left on device?"))
     return Path(path)
+
+
+def _nifti_complete(path: Path, image: sitk.Image) -> bool:
+    """Whether a NIfTI file just written holds all its voxels.
+
+    ITK's NIfTI writer does NOT fail on a full disk: it prints ``NWAD: wrote only 0 of N bytes`` and
+    leaves a truncated file (measured on a 200 kB tmpfs; NRRD and MHA writers do raise).  A complete
+    ``.nii`` is at least header + data long; a complete ``.nii.gz`` ends with the gzip trailer whose
+    last 4 bytes are the uncompressed size mod 2^32 (header + data), which a cut file lacks.
+    """
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return True
+    data = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    size = path.stat().st_size
+    if name.endswith(".nii"):
+        return size >= data + 348
+    if size < 18:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(handle.read(4), "little")
+    header = (isize - data) % 2**32  # header + extensions: 348..(a few kB)
+    return 348 <= header <= 65536
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
+
+
+def write_failure_message(path: Path, reason: str, measure_at: Path | None = None) -> str:
+    """What went wrong writing ``path`` and what to do (free space is measured, not guessed)."""
+    try:
+        free = shutil.disk_usage(measure_at or path.parent).free
+        space = f"{free / 2**20:.0f} MiB free there"
+    except OSError:
+        space = "free space unknown"
+    reason = reason.strip().splitlines()[-1][:200] if reason.strip() else "unknown reason"
+    return (f"{path}: could not be written ({reason}; {space}). Free disk space or choose another output folder; "
+            "nothing was published and earlier results are untouched")
 
 
 def write_json(data, path: str | os.PathLike) -> Path:
@@ -174,29 +228,252 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------------------
+# Output folders that cannot be lost: an exclusive claim from the start, staging, one atomic publish
+# ------------------------------------------------------------------------------------------------
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
+_claimed_in_process: set = set()  # paths claimed by this process (threads of one batch worker included)
+_claimed_guard = threading.Lock()
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> bool:
+    """Linux ``renameat2(source, target, flags)``; False when the call or the flag is unsupported here.
+
+    Raises ``OSError`` for real failures (e.g. ``EEXIST`` with RENAME_NOREPLACE).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if func(at_fdcwd, os.fsencode(str(source)), at_fdcwd, os.fsencode(str(target)), ctypes.c_uint(flags)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):  # old kernel, or a filesystem without the flag
+        return False
+    raise OSError(err, os.strerror(err), str(target))
+
+
+def _lock_file(handle) -> bool:
+    """Non-blocking exclusive lock on an open file; released by the OS when the process dies."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # Windows (untested): lock the first byte
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
+        return False
+
+
+class OutputClaim:
+    """Exclusive ownership of an output folder for the whole run, then one atomic publish.
+
+    ``claim = OutputClaim(outdir, overwrite).acquire()`` (or ``with OutputClaim(...) as claim``):
+
+    * takes an OS lock on ``.<name>.lock`` beside ``outdir`` (``flock``; the OS drops it when the
+      process dies, even by SIGKILL, so no stale lock ever blocks a later run). A second claim on the
+      same folder -- another process, another thread, another Slicer window, a retried batch task --
+      fails at once with :class:`OutputBusyError`;
+    * refuses an existing ``outdir`` unless ``overwrite`` (:class:`OutputExistsError`);
+    * removes staging folders that killed runs left beside ``outdir`` (only the lock holder can);
+    * ``with claim.staging() as stage:`` yields a hidden folder beside ``outdir``; when the block
+      succeeds it is published as ``outdir`` by one rename: ``RENAME_NOREPLACE`` when not
+      overwriting (a folder that appeared meanwhile is never replaced: OutputExistsError), an atomic
+      ``RENAME_EXCHANGE`` with the old folder when overwriting (old results stay until the new ones
+      are complete); when the block fails the stage is deleted;
+    * ``release()`` (or leaving the ``with``) drops the lock and deletes the lock file.
+    """
+
+    def __init__(self, outdir: str | os.PathLike, overwrite: bool = False) -> None:
+        self.outdir = Path(outdir).absolute()
+        self.overwrite = bool(overwrite)
+        self.lock_path = self.outdir.parent / f".{self.outdir.name}.lock"
+        self._handle = None
+        self.published = False
+
+    # -- the claim
+
+    def acquire(self) -> "OutputClaim":
+        if self._handle is not None:
+            return self
+        key = str(self.outdir)
+        with _claimed_guard:
+            if key in _claimed_in_process:
+                raise OutputBusyError(self._busy_message())
+            _claimed_in_process.add(key)
+        try:
+            self._lock()
+            check_output_path(self.outdir, self.overwrite)
+            for stale in self.outdir.parent.glob(f".{self.outdir.name}.partial-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _busy_message(self) -> str:
+        return (f"{self.outdir}: another inbrainsyn run is writing this output folder right now; "
+                "wait for it to finish or choose another output folder")
+
+    def _lock(self) -> None:
+        try:
+            self.outdir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.outdir.parent}: cannot create the output's parent folder ({exc.strerror})") from None
+        for _ in range(20):
+            try:
+                handle = open(self.lock_path, "a+b")
+            except OSError as exc:
+                raise OutputError(f"{self.outdir}: cannot write beside the output folder ({exc.strerror}); "
+                                  "choose a writable location") from None
+            if not _lock_file(handle):
+                handle.close()
+                raise OutputBusyError(self._busy_message())
+            # The holder before us may have deleted the lock file after we opened it: then our lock
+            # is on an orphan inode and a third run could lock a new file. Retry until the path is ours.
+            try:
+                same = os.path.samestat(os.fstat(handle.fileno()), os.stat(self.lock_path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._handle = handle
+                try:
+                    handle.seek(0)
+                    handle.truncate()
+                    handle.write(f"{os.getpid()}\n".encode())
+                    handle.flush()
+                except OSError:
+                    pass  # the pid is informative only (a full disk must not block the claim)
+                return
+            handle.close()
+        raise OutputBusyError(self._busy_message())
+
+    def release(self) -> None:
+        """Drop the claim (idempotent). The lock file is deleted while still locked."""
+        if self._handle is not None:
+            try:
+                os.unlink(self.lock_path)
+            except OSError:
+                pass
+            self._handle.close()  # closing releases the lock
+            self._handle = None
+        with _claimed_guard:
+            _claimed_in_process.discard(str(self.outdir))
+
+    def __enter__(self) -> "OutputClaim":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # -- staging and publishing
+
+    @contextlib.contextmanager
+    def staging(self):
+        """Yield a hidden staging folder; publish it as ``outdir`` if the block succeeds, else delete it."""
+        if self._handle is None:
+            raise RuntimeError("OutputClaim.staging() needs acquire() first")
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.outdir.name}.partial-", dir=self.outdir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        try:
+            yield staging
+            self._publish(staging)
+        except OSError as exc:
+            message = None
+            if exc.errno in WRITE_ERRNOS:
+                where = Path(str(exc.filename)) if exc.filename else staging
+                try:  # name the output file the user will look for, not the hidden staging path
+                    where = self.outdir / where.relative_to(staging)
+                except ValueError:
+                    pass
+                message = write_failure_message(where, exc.strerror or str(exc), measure_at=staging)
+            shutil.rmtree(staging, ignore_errors=True)
+            if message:
+                raise OutputError(message) from None
+            raise
+        except OutputError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputError(str(exc).replace(str(staging), str(self.outdir))) from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _publish(self, staging: Path) -> None:
+        _fsync_tree(staging)
+        if self.outdir.exists() or self.outdir.is_symlink():
+            if not self.overwrite:
+                raise OutputExistsError(f"{self.outdir}: appeared while this run was working; nothing was replaced. "
+                                        "Choose another output or pass --overwrite")
+            if _renameat2(staging, self.outdir, _RENAME_EXCHANGE):
+                shutil.rmtree(staging, ignore_errors=True)  # now holds the old results
+            else:
+                trash = Path(tempfile.mkdtemp(prefix=f".{self.outdir.name}.partial-old-", dir=self.outdir.parent))
+                os.replace(self.outdir, trash / "old")
+                os.replace(staging, self.outdir)
+                shutil.rmtree(trash, ignore_errors=True)
+        else:
+            try:
+                if not _renameat2(staging, self.outdir, _RENAME_NOREPLACE):
+                    if self.outdir.exists():
+                        raise FileExistsError(errno.EEXIST, "exists", str(self.outdir))
+                    os.rename(staging, self.outdir)
+            except FileExistsError:
+                raise OutputExistsError(f"{self.outdir}: appeared while this run was working; nothing was replaced. "
+                                        "Choose another output or pass --overwrite") from None
+        _fsync_dir(self.outdir.parent)
+        self.published = True
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk before it is published (a crash after the rename then
+    never shows a folder with truncated files)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def claim_output_dir(outdir: str | os.PathLike, overwrite: bool = False) -> OutputClaim:
+    """Claim ``outdir`` exclusively now (see :class:`OutputClaim`); use as a context manager."""
+    return OutputClaim(outdir, overwrite).acquire()
+
+
 @contextlib.contextmanager
 def staged_output_dir(outdir: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside ``outdir``; on success move it to ``outdir``, on failure delete it.
+    """Claim ``outdir``, yield a staging folder, publish it atomically on success, delete it on failure.
 
     An existing ``outdir`` is refused unless ``overwrite`` (then it is replaced only after the new
-    results are complete, so a failed run leaves the old results intact).
+    results are complete, so a failed run leaves the old results intact). A run already writing
+    ``outdir`` makes this fail at once (OutputBusyError).
     """
-    outdir = Path(outdir).absolute()
-    check_output_path(outdir, overwrite)
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if outdir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old-", dir=outdir.parent))
-        os.replace(outdir, trash / "old")
-        os.replace(staging, outdir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, outdir)
+    with OutputClaim(outdir, overwrite) as claim, claim.staging() as stage:
+        yield stage
+
+
+def is_complete_output(outdir: str | os.PathLike, marker: str = "manifest.json") -> bool:
+    """True when ``outdir`` is a published result (it holds ``marker``): a retried task can skip it."""
+    return (Path(outdir) / marker).is_file()

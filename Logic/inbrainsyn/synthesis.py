@@ -18,7 +18,6 @@ All outputs lie on the input's grid and geometry, so they overlay the input exac
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from inbrainsyn import fields, io
+from inbrainsyn import fields, io, plausibility
 from inbrainsyn.errors import InputError, ProcessingError
 from inbrainsyn.native import NativeMapper, affine_parts, resample_native  # noqa: F401 (also imported from here)
 from inbrainsyn.progress import Reporter
@@ -37,7 +36,7 @@ COHORTS = ("HC", "AD")
 TRANSPORT_METHODS = ("pole", "schild", "conjugation", "half-conjugation", "none")
 
 # Below this local NCC between template and subject after registration, we assume no brain was found.
-MIN_BRAIN_SIMILARITY = 0.25
+MIN_BRAIN_SIMILARITY = plausibility.MIN_FIT_SIMILARITY
 
 
 @dataclass
@@ -56,6 +55,7 @@ class SynthesisRequest:
     seed: int = 0
     transport_coarsening: int = 2  # transport on a grid this many times coarser than the bank's
     pace: float = 50.0  # percentile of the cohort's atrophy rates (50 = typical; inbrainsyn.templates.pace)
+    force_input: bool = False  # go on when input plausibility checks fail (outputs are marked)
 
     def validate(self, age_range: tuple[float, float]) -> None:
         """Check ages and choices against the bank; raise InputError with what to do."""
@@ -165,6 +165,8 @@ def register_subject(
         template, normalised, fixed_mask=dilate_mask(brain_mask, 10.0), config=AffineConfig(threads=2), seed=request.seed
     )
     matrix, offset = affine_parts(transform)
+    # a cropped scan is refused here, in seconds, before the SVF registration
+    plausibility.enforce([plausibility.coverage_after_affine(subject, bank, matrix, offset)], request.force_input)
 
     grid = bank.grid
     in_template = sitk.Resample(normalised, grid.reference_image(), transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
@@ -185,12 +187,6 @@ def register_subject(
     result = register_svf(
         fixed, moving, spacing=grid.spacing, mask=support, device=device, seed=request.seed, progress=on_progress
     )
-    if not math.isfinite(result.similarity) or result.similarity < MIN_BRAIN_SIMILARITY:
-        raise ProcessingError(
-            f"no brain found: after registration the template matches the input with local correlation "
-            f"{result.similarity:.2f} (< {MIN_BRAIN_SIMILARITY}). Is the input a T1-weighted brain MRI? "
-            "If it is skull-stripped, pass --skull-stripped."
-        )
     return SubjectInTemplateSpace(
         affine_matrix=matrix,
         affine_offset=offset,
@@ -262,10 +258,19 @@ def age_tag(age: float) -> str:
 
 
 def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool = False, reporter: Reporter | None = None) -> Path:
-    """Run the whole job and write every output into ``outdir`` (atomically); returns manifest.json's path."""
+    """Run the whole job and write every output into ``outdir`` (atomically); returns manifest.json's path.
+
+    ``outdir`` is claimed exclusively from the start (a second run into it fails at once) and
+    published by one rename when everything is written (io.OutputClaim).
+    """
+    with io.claim_output_dir(outdir, overwrite) as claim:
+        return _run_claimed(request, claim, reporter)
+
+
+def _run_claimed(request: SynthesisRequest, claim: io.OutputClaim, reporter: Reporter | None) -> Path:
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    io.check_output_path(outdir, overwrite)
+    outdir = claim.outdir
     reporter.progress("read", 0.0, "reading the input")
     subject = io.read_image(request.input_path, name=str(request.input_path))
 
@@ -283,12 +288,14 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
     torch.manual_seed(request.seed)
 
     registered = register_subject(subject, request, bank, device, reporter)
+    labels_t = bank.labels_tensor(request.cohort, request.age).float()  # template labels at the baseline age
+    checks = plausibility.enforce(plausibility.check_registered(subject, registered, bank, labels_t),
+                                  request.force_input, reporter)
     reporter.progress("transport", 0.58, f"transporting the {request.cohort} ageing ({request.transport})")
     targets = transported_ageing(registered, request, bank, device)
 
     native_grid = fields.Grid.from_sitk(subject)
     mapper = NativeMapper(native_grid, bank.grid, registered.affine_matrix, registered.affine_offset, device)
-    labels_t = bank.labels_tensor(request.cohort, request.age).float()  # template labels at the baseline age
     mask_t = fields.image_to_tensor(bank.mask)
     label_names = bank.label_names
     cohort_of = lambda age: (  # noqa: E731 - the cohort shown for an age: AD after a conversion
@@ -297,7 +304,7 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
 
     outputs: list[dict] = []
     volumes: list[dict] = []
-    with io.staged_output_dir(outdir, overwrite) as stage:
+    with claim.staging() as stage:
         reporter.progress("outputs", 0.70, "writing the baseline")
         io.write_image(subject, stage / "baseline.nii.gz")
         outputs.append({"kind": "baseline", "age": request.age, "cohort": request.cohort, "path": "baseline.nii.gz"})
@@ -341,7 +348,7 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
         reporter.progress("report", 0.95, "volumes and report")
         report_mod.write_volumes_csv(volumes, stage / "volumes.csv")
         outputs.append({"kind": "volumes", "path": "volumes.csv"})
-        report_mod.write_report(stage, outputs, volumes, stage / "report.png", title=_title(request))
+        report_mod.write_report(stage, outputs, volumes, stage / "report.png", title=_title(request) + plausibility.report_note(checks, request.force_input))
         outputs.append({"kind": "report", "path": "report.png"})
         timings = reporter.finish()
         manifest = {
@@ -365,6 +372,7 @@ def run_synthesis(request: SynthesisRequest, outdir: str | Path, overwrite: bool
                 "affine_matrix": registered.affine_matrix.tolist(),
                 "affine_offset": registered.affine_offset.tolist(),
             },
+            "input_checks": plausibility.manifest_entry(checks, request.force_input),
             "timings_s": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 3)},
             "versions": versions(),
             "outputs": outputs,

@@ -223,6 +223,24 @@ def test_output_folder_is_new_each_time(tmp_path):
     assert "/" not in first.name and " " not in first.name
 
 
+def test_output_folders_of_simultaneous_applies_differ(tmp_path):
+    """Two Slicer windows pressing Apply in the same second: each gets its own new folder."""
+    import threading
+
+    folders, barrier = [], threading.Barrier(8)
+
+    def apply():
+        barrier.wait()
+        folders.append(engine.output_folder_for(tmp_path, "T1"))
+
+    threads = [threading.Thread(target=apply) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(folders)) == 8 and all(f.is_dir() for f in folders)
+
+
 # ---------------------------------------------------------------- manifest problems
 
 

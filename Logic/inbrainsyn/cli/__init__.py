@@ -46,19 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate_cleanly() -> None:
+    """SIGTERM (a kill, a cancelled Slicer run, a batch scheduler) unwinds like Ctrl-C, so staged
+    outputs and the output claim are removed; SIGKILL cannot be caught (docs/reliability.md)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _terminate_cleanly()
     try:
         return int(args.func(args) or 0)
     except InBrainSynError as exc:
         print(f"inbrainsyn {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"inbrainsyn {args.command}: interrupted", file=sys.stderr)
+        print(f"inbrainsyn {args.command}: interrupted; nothing was published", file=sys.stderr)
         return 130
 
 

@@ -34,6 +34,9 @@ def add_parser(subparsers) -> None:
                         "10 = slow, 90 = fast; see docs/templates.md)")
     parser.add_argument("--skull-stripped", action="store_true", help="the input is already brain-extracted")
     parser.add_argument("-o", "--output", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    parser.add_argument("--force-input", action="store_true",
+                        help="go on when the input fails a plausibility check (T1 contrast, brain coverage, adult "
+                        "volumes, template fit; docs/reliability.md); the manifest and report are then marked")
     add_common_run_options(parser)
     parser.set_defaults(func=run)
 
@@ -77,5 +80,6 @@ def run(args) -> int:
         device=args.device,
         seed=args.seed,
         pace=args.pace,
+        force_input=getattr(args, "force_input", False),
     )
     return execute(request, args)
