@@ -140,5 +140,5 @@ def test_the_audit_leaves_39_code_alone(source):
 
 
 def test_requires_python_and_the_readme_agree():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert re.search(r"Slicer\*?\*? ?5\.6, 5\.8 (and|or) 5\.10", readme), "README must name the supported Slicer versions"
