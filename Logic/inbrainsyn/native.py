@@ -10,7 +10,7 @@ displacement (:func:`resample_native`); it sits on the geometry floor beside :mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -84,7 +84,9 @@ class GridImage:
         inside = torch.ones(points.shape[1:], dtype=torch.bool, device=self.device)
         for axis in range(3):
             inside &= (points[axis] >= -0.5) & (points[axis] <= sizes[axis] - 0.5)
-        if self.mode == "bspline":
+        if self.mode == "bspline" and self.device.type == "cpu":
+            out = self._bspline_scipy(points)
+        elif self.mode == "bspline":
             out = self._bspline(points)
         else:
             out = self._lookup(points, "nearest" if self.mode == "nearest" else "bilinear")
@@ -98,6 +100,30 @@ class GridImage:
         grid = ((points.reshape(3, -1) + self.pad) * scale.view(3, 1) - 1.0).t().reshape(1, 1, 1, -1, 3)
         out = F.grid_sample(self.values[None, None], grid, mode=mode, padding_mode="border", align_corners=True)
         return out.reshape(shape)
+
+    def _bspline_scipy(self, points: torch.Tensor) -> torch.Tensor:
+        """The same spline on the CPU by ``scipy.ndimage.map_coordinates`` (64 taps per point in C, no
+        temporaries): 5x less CPU than the eight look-ups through ``grid_sample`` on a CPU. Slabs run on
+        torch's thread count (SciPy releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from scipy import ndimage
+
+        coefficients = self.values.numpy()
+        zyx = (points.flip(0) + float(self.pad)).numpy()  # (x, y, z) -> array axes (z, y, x) of the padded grid
+        # the padding holds every tap of points up to half a voxel outside; beyond, "nearest" only keeps
+        # the look-up in bounds (those points get the default value)
+        def run(part):
+            return ndimage.map_coordinates(coefficients, zyx[:, part], order=3, mode="nearest", prefilter=False,
+                                           output=np.float32)
+
+        threads = max(1, min(torch.get_num_threads(), zyx.shape[1]))
+        if threads == 1:
+            return torch.from_numpy(run(slice(None)))
+        bounds = np.linspace(0, zyx.shape[1], threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(run, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+        return torch.from_numpy(np.concatenate(parts))
 
     def _bspline(self, points: torch.Tensor) -> torch.Tensor:
         """Cubic B-spline by eight trilinear look-ups (weights per axis folded into two shifted taps)."""
@@ -141,6 +167,7 @@ class NativeMapper:
     offset: np.ndarray
     device: torch.device
     chunk_slices: int = 48
+    _slab_cache: list | None = field(default=None, init=False, repr=False)
 
     def _index_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K, k0)``: template index ``q = K i + k0`` of native index ``i`` (both (x, y, z))."""
@@ -152,7 +179,16 @@ class NativeMapper:
         return as_t(k), as_t(k0)
 
     def _slabs(self):
-        """Yield ``(z0, q)``: template indices ``(3, z, Y, X)`` of each slab of native voxels."""
+        """Yield ``(z0, q)``: template indices ``(3, z, Y, X)`` of each slab of native voxels.
+
+        Built once and kept (12 bytes per native voxel: 88 MB for a 1 mm head), since every output
+        of every target age walks the same slabs; callers never modify ``q`` in place.
+        """
+        if self._slab_cache is None:
+            self._slab_cache = list(self._build_slabs())
+        yield from self._slab_cache
+
+    def _build_slabs(self):
         k, k0 = self._index_map()
         nz, ny, nx = self.native_grid.shape
         y, x = torch.meshgrid(torch.arange(ny, device=self.device, dtype=torch.float32),
