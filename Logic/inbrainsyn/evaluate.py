@@ -259,7 +259,7 @@ def run_evaluation(phantom: Path, outdir: Path, bank_path=None, device="auto", s
             writer.writerows(rows)
         table = markdown_table(summary)
         with io.atomic_path(stage / "table.md") as tmp:
-            tmp.write_text(table)
+            tmp.write_text(table, encoding="utf-8")
         plot_summary(rows, stage / "metrics.png", methods)
         result = {"subjects": len(cohort), "follow_ups": len(rows) // max(len(methods), 1), "summary": summary}
         io.write_json({"tool": "inbrainsyn", "command": "evaluate", "phantom": str(Path(phantom).absolute()), **result,

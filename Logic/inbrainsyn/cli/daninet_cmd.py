@@ -235,7 +235,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
             w.writeheader()
             w.writerows(rows)
-        (stage / "table.md").write_text(table)
+        (stage / "table.md").write_text(table, encoding="utf-8")
         io.write_json({"tool": "inbrainsyn", "command": "daninet evaluate", "data": str(Path(args.data).absolute()),
                        "subjects": chosen, "summary": summary,
                        "outputs": [{"kind": "metrics", "path": "metrics.csv"}, {"kind": "table", "path": "table.md"}]},
