@@ -76,6 +76,29 @@ def test_write_image_is_atomic_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
 
 
+def test_nii_gz_is_gzip_compressed_only_where_it_pays(tmp_path):
+    """Integer maps are deflated (labels shrink many-fold), float images stored in a gzip container
+    (issue 15: noisy float32 gains ~7% for 0.6 s of CPU per 1 mm volume); both read back exactly,
+    with SimpleITK and with Python's gzip."""
+    import gzip
+
+    rng = np.random.default_rng(0)
+    labels = sitk.GetImageFromArray((rng.uniform(size=(40, 40, 40)) > 0.9).astype(np.int16) * 3)
+    noise = sitk.GetImageFromArray(rng.normal(size=(40, 40, 40)).astype(np.float32))
+    assert io.gzip_level(labels) == io.INTEGER_GZIP_LEVEL > 0 and io.gzip_level(noise) == io.FLOAT_GZIP_LEVEL == 0
+    for name, image in (("labels.nii.gz", labels), ("noise.nii.gz", noise)):
+        io.write_image(image, tmp_path / name)
+        back = sitk.ReadImage(str(tmp_path / name))
+        assert back.GetPixelID() == image.GetPixelID()
+        assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+        with gzip.open(tmp_path / name) as f:
+            raw = len(f.read())
+        assert raw >= 40**3 * (2 if name.startswith("labels") else 4)
+    assert (tmp_path / "labels.nii.gz").stat().st_size < 0.5 * 40**3 * 2
+    assert (tmp_path / "noise.nii.gz").stat().st_size > 40**3 * 4  # stored, not deflated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz", "noise.nii.gz"]  # no temporaries
+
+
 def test_staged_output_dir_cleans_up_on_failure_and_keeps_old_results(tmp_path):
     out = tmp_path / "results"
     out.mkdir()

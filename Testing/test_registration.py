@@ -254,3 +254,28 @@ def test_affine_recovers_a_known_affine_of_the_mni_brain(mni_pair_2mm):
     quick = AffineConfig(level_spacings_mm=(8.0, 4.0), smoothing_mm=(4.0, 2.0), rigid_iterations=20, affine_iterations=20)
     first = affine_register(fixed, moving, fixed_mask=mask, config=quick)
     assert affine_register(fixed, moving, fixed_mask=mask, config=quick).GetParameters() == first.GetParameters()
+
+
+@pytest.mark.slow
+def test_affine_at_1mm_searches_on_reduced_images_and_stays_accurate(mni_dir):
+    """At 1 mm both images are block-averaged to ~2 mm before the search (issue 15): the known affine
+    is still recovered to well under a voxel (measured 0.03 mm mean, against 0.01 mm at full resolution
+    for 5x the CPU time), and the reduced copy keeps the physical position."""
+    images = synthetic.load_mni(mni_dir, 1)
+    fixed, mask = images["t1"], images["mask"]
+    from inbrainsyn.registration.affine import reduced
+
+    small = reduced(sitk.Cast(fixed, sitk.sitkFloat32), 2.0)
+    assert small.GetSpacing() == (2.0, 2.0, 2.0) and small.GetSize()[0] == fixed.GetSize()[0] // 2
+    # the block average's centre lies where the 2x2x2 voxels' centres are: physical space is kept
+    assert np.allclose(small.TransformIndexToPhysicalPoint((0, 0, 0)),
+                       fixed.TransformContinuousIndexToPhysicalPoint((0.5, 0.5, 0.5)), atol=1e-6)
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+    rotation = sitk.Euler3DTransform(centre, np.deg2rad(8), np.deg2rad(-5), np.deg2rad(10), (0, 0, 0))
+    truth = sitk.AffineTransform(3)
+    truth.SetCenter(centre)
+    truth.SetMatrix((np.asarray(rotation.GetMatrix()).reshape(3, 3) @ np.diag([1.06, 0.95, 1.02])).ravel().tolist())
+    truth.SetTranslation((7.0, -5.0, 4.0))
+    moving = sitk.Resample(fixed, fixed, truth.GetInverse(), sitk.sitkLinear, 0.0)
+    error = transform_error_mm(affine_register(fixed, moving, fixed_mask=mask), truth, fixed, mask)
+    assert error.mean() < 0.2 and error.max() < 0.5

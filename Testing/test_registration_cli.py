@@ -51,6 +51,9 @@ def test_register_writes_fields_that_itk_resampling_reproduces(phantom_files, tm
     warped = sitk.ReadImage(str(out / "warped.nii.gz"))
     field = sitk.ReadImage(str(out / "displacement.nii.gz"))
     assert field.GetNumberOfComponentsPerPixel() == 3 and fields.Grid.from_sitk(field).same_as(GRID)
+    # fields on disk are float32 vectors (issue 15: half the bytes of float64, 1e-7 relative precision)
+    assert field.GetPixelID() == sitk.sitkVectorFloat32
+    assert sitk.ReadImage(str(out / "svf.nii.gz")).GetPixelID() == sitk.sitkVectorFloat32
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     by_itk = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
     ours = sitk.GetArrayFromImage(warped)

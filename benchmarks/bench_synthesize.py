@@ -5,7 +5,7 @@ is a fresh process (`python -m inbrainsyn synthesize ...`), timed from outside w
 `/usr/bin/time`-style accounting (resource.getrusage of the child), so import time and model set-up
 are included.  Per-stage timings come from the run's manifest.json.
 
-Run:  python benchmarks/bench_synthesize.py [--input T1.nii.gz --age 70] [--repeats 3] [--device cpu]
+Run:  python benchmarks/bench_synthesize.py [--input T1.nii.gz --age 70] [--repeats 3] [--device cpu] [--json F]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main():
     parser.add_argument("--cohort", default="HC")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the summary and every run to this file")
     args = parser.parse_args()
     if args.input is None:
         from inbrainsyn.cli.demo_cmd import demo_subject
@@ -52,11 +53,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             runs.append(one_run(args, Path(tmp) / f"run{i}"))
+            print(json.dumps({"run": i, **runs[-1]}), flush=True)
     walls = [r["wall_s"] for r in runs]
     stages = {k: statistics.median(r["stages"][k] for r in runs) for k in runs[0]["stages"]}
-    print(json.dumps({"input": args.input, "targets": args.targets, "device": args.device, "runs": len(runs),
-                      "wall_s_median": statistics.median(walls), "wall_s_min": min(walls), "wall_s_max": max(walls),
-                      "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs), "stage_medians_s": stages}, indent=2))
+    summary = {"input": args.input, "targets": args.targets, "device": args.device, "runs": len(runs),
+               "wall_s_median": statistics.median(walls), "wall_s_min": min(walls), "wall_s_max": max(walls),
+               "cpu_s_median": statistics.median(r["cpu_s"] for r in runs),
+               "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs), "stage_medians_s": stages}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**summary, "per_run": runs}, indent=2))
 
 
 if __name__ == "__main__":

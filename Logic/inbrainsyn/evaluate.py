@@ -124,7 +124,7 @@ def read_cohort(folder: Path) -> dict[str, list[Scan]]:
 def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS, reporter=None) -> list[dict]:
     """Predict every follow-up of one subject with every method; one row per (follow-up, method)."""
     from inbrainsyn.registration import register_svf
-    from inbrainsyn.native import NativeMapper, resample_native
+    from inbrainsyn.native import GridImage, NativeMapper
     from inbrainsyn.synthesis import SynthesisRequest, cohort_ageing_svf, register_subject, transport_on_coarse_grid
 
     baseline, follow_ups = scans[0], scans[1:]
@@ -142,6 +142,14 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
     # subject's own baseline label map with its deformation, and "copy" keeps it as is, so Dice
     # compares deformations, not segmentations.
     baseline_labels = sitk.Cast(sitk.ReadImage(str(baseline.labels)), sitk.sitkInt16)
+    subject_spline, labels_nearest = GridImage(subject, device, "bspline"), GridImage(baseline_labels, device, "nearest")
+
+    def warped(template_displacement):
+        """The subject (B-spline) and its labels (nearest) warped on the native grid by a template-space map."""
+        image = np.clip(mapper.warp_native(subject_spline, template_displacement), low, high)
+        labels = np.rint(mapper.warp_native(labels_nearest, template_displacement))
+        as_image = lambda a, like, pixel: sitk.Cast(_on_grid(a, like), pixel)  # noqa: E731
+        return as_image(image, subject, sitk.sitkFloat32), as_image(labels, baseline_labels, sitk.sitkInt16)
     rows = []
     for scan in follow_ups:
         truth = io.read_image(scan.image)
@@ -156,14 +164,10 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
                 # The subject (in template space) registered onto the target-age template.
                 target_template = fields.image_to_tensor(bank.template(cohort, scan.age))
                 result = register_svf(target_template, registered.image, spacing=bank.grid.spacing, device=device)
-                native = mapper.native_map(result.displacement.detach().cpu())
-                pred = _clamped(resample_native(subject, native, sitk.sitkBSpline), low, high)
-                pred_labels = resample_native(baseline_labels, native, sitk.sitkNearestNeighbor)
+                pred, pred_labels = warped(result.displacement.detach())
             else:
                 w = u if method == "untransported" else transport_on_coarse_grid(u, v, method, request.transport_coarsening)
-                native = mapper.native_map(fields.accurate_exp(w).cpu())
-                pred = _clamped(resample_native(subject, native, sitk.sitkBSpline), low, high)
-                pred_labels = resample_native(baseline_labels, native, sitk.sitkNearestNeighbor)
+                pred, pred_labels = warped(fields.accurate_exp(w))
             metrics = image_metrics(pred, truth, mask, pred_labels, true_labels, label_ids)
             rows.append({
                 "subject": baseline.subject, "group": baseline.group, "baseline_age": baseline.age, "age": scan.age,
@@ -172,8 +176,10 @@ def evaluate_subject(scans: list[Scan], bank, device, label_ids, methods=METHODS
     return rows
 
 
-def _clamped(image: sitk.Image, low: float, high: float) -> sitk.Image:
-    return sitk.Clamp(image, sitk.sitkFloat32, low, high)
+def _on_grid(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
+    image.CopyInformation(reference)
+    return image
 
 
 def summarise(rows: list[dict], methods=METHODS) -> list[dict]:
@@ -253,7 +259,7 @@ def run_evaluation(phantom: Path, outdir: Path, bank_path=None, device="auto", s
             writer.writerows(rows)
         table = markdown_table(summary)
         with io.atomic_path(stage / "table.md") as tmp:
-            tmp.write_text(table)
+            tmp.write_text(table, encoding="utf-8")
         plot_summary(rows, stage / "metrics.png", methods)
         result = {"subjects": len(cohort), "follow_ups": len(rows) // max(len(methods), 1), "summary": summary}
         io.write_json({"tool": "inbrainsyn", "command": "evaluate", "phantom": str(Path(phantom).absolute()), **result,

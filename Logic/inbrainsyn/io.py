@@ -159,18 +159,57 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
+# gzip level of a .nii.gz by pixel type (measured on the demo subject's 1 mm outputs, 2 cores):
+# integer maps (labels, masks) shrink 70x at level 1 for 0.04 s; float32 images (synthetic scans,
+# differences, Jacobians, fields) keep ~93% of their size at any level for 0.6 s of CPU each, so
+# they are stored (level 0: a valid gzip stream, read by every NIfTI reader, CRC-checked).
+INTEGER_GZIP_LEVEL = 1
+FLOAT_GZIP_LEVEL = 0
+
+
+def gzip_level(image: sitk.Image) -> int:
+    """The gzip level :func:`write_image` uses for ``image`` (integer pixels 1, floating-point 0)."""
+    floating = {sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64}
+    return FLOAT_GZIP_LEVEL if image.GetPixelID() in floating else INTEGER_GZIP_LEVEL
+
+
+def _write_nifti_gz(image: sitk.Image, path: Path, level: int) -> None:
+    """``.nii.gz`` with our gzip level (SimpleITK's NIfTI writer ignores the level it is given)."""
+    import gzip
+
+    plain = _temporary_sibling(path.with_name(path.name[: -len(".gz")]))
+    try:
+        sitk.WriteImage(image, str(plain), False)
+        with open(plain, "rb") as source, open(path, "wb") as raw:
+            with gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0) as target:
+                shutil.copyfileobj(source, target, 1 << 22)
+    finally:
+        plain.unlink(missing_ok=True)
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write atomically: to a temporary file in the same folder, then rename over ``path``.
 
-    Compression level 1: files ~10% larger than the default level but written several times faster.
+    ``.nii.gz`` files are gzipped at :func:`gzip_level` (compression only where it pays); other
+    formats use SimpleITK's compression when ``compress``.
     """
+    path = Path(path)
     with atomic_path(path) as tmp:
         try:
-            sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
+            if compress and path.name.lower().endswith(".nii.gz"):
+                _write_nifti_gz(image, tmp, gzip_level(image))
+            else:
+                sitk.WriteImage(image, str(tmp), compress)
         except RuntimeError as exc:  # ITK reports a full disk or a read-only folder as a RuntimeError
-            raise OutputError(write_failure_message(Path(path), str(exc))) from None
+            raise OutputError(write_failure_message(path, str(exc))) from None
+        except OSError as exc:  # the gzip stream (Python) reports them as OSError
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            raise OutputError(write_failure_message(path, exc.strerror or str(exc))) from None
+        # ITK's NIfTI writer may cut a file short on a full disk without failing; a gzip of such a
+        # file is complete as a stream but short of data, which the size in its trailer shows.
         if not _nifti_complete(tmp, image):
-            raise OutputError(write_failure_message(Path(path), "the file was cut short: No space left on device?"))
+            raise OutputError(write_failure_message(path, "the file was cut short: No space left on device?"))
     return Path(path)
 
 

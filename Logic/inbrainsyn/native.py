@@ -10,7 +10,7 @@ displacement (:func:`resample_native`); it sits on the geometry floor beside :mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from inbrainsyn import fields
-
 
 
 def affine_parts(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +38,116 @@ def _sample_volume(values: torch.Tensor, index_points: torch.Tensor, mode="bilin
     grid = (index_points.to(values.dtype) * scale.view(3, 1, 1, 1) - 1.0).permute(1, 2, 3, 0).unsqueeze(0)
     return F.grid_sample(values.unsqueeze(0), grid, mode=mode, padding_mode=padding, align_corners=True)[0]
 
+# ------------------------------------------------------------------------------------------------
+# Resampling an image on its own grid at continuous voxel indices (torch, any device)
+# ------------------------------------------------------------------------------------------------
+
+INTERPOLATIONS = ("bspline", "linear", "nearest")
+
+
+class GridImage:
+    """A scalar image prepared for resampling at continuous voxel indices of its own grid.
+
+    ``"bspline"``: cubic B-spline interpolation as ITK's ``sitkBSpline`` (order 3, mirror boundary):
+    the interpolation coefficients are computed once (``scipy.ndimage.spline_filter``, the same
+    recursive prefilter as ITK's ``BSplineDecompositionImageFilter``) and evaluated with eight
+    trilinear look-ups per point (the 64-tap tensor-product spline factorised per axis into two
+    linear look-ups at shifted positions, Sigg & Hadwiger 2005), so it runs on any torch device.
+    ``"linear"``: trilinear; ``"nearest"``: nearest voxel (labels).
+    As ITK's resampler, points more than half a voxel outside the grid get ``default``.
+    Measured against ``sitk.Resample(..., sitkBSpline)`` in ``Testing/test_native_mapping.py``.
+    """
+
+    def __init__(self, image: sitk.Image | np.ndarray, device: torch.device | str = "cpu", mode: str = "bspline"):
+        if mode not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {mode!r}")
+        array = sitk.GetArrayViewFromImage(image) if isinstance(image, sitk.Image) else np.asarray(image)
+        self.mode, self.device = mode, torch.device(device)
+        self.shape = tuple(int(n) for n in array.shape)
+        if mode == "bspline":
+            from scipy import ndimage
+
+            coefficients = ndimage.spline_filter(np.asarray(array, dtype=np.float32), order=3, output=np.float32,
+                                                 mode="mirror")
+            values = torch.from_numpy(coefficients).to(self.device)
+            # two mirrored voxels each side hold every tap of points up to half a voxel outside
+            self.values = F.pad(values[None, None], (2, 2, 2, 2, 2, 2), mode="reflect")[0, 0]
+            self.pad = 2
+        else:
+            self.values = torch.from_numpy(np.array(array, dtype=np.float32)).to(self.device)
+            self.pad = 0
+
+    def sample(self, points: torch.Tensor, default: float = 0.0) -> torch.Tensor:
+        """Values at continuous voxel indices ``points`` ``(3, ...)`` ordered (x, y, z): ``(...)``."""
+        points = points.to(self.device, torch.float32)
+        sizes = (self.shape[2], self.shape[1], self.shape[0])
+        inside = torch.ones(points.shape[1:], dtype=torch.bool, device=self.device)
+        for axis in range(3):
+            inside &= (points[axis] >= -0.5) & (points[axis] <= sizes[axis] - 0.5)
+        if self.mode == "bspline" and self.device.type == "cpu":
+            out = self._bspline_scipy(points)
+        elif self.mode == "bspline":
+            out = self._bspline(points)
+        else:
+            out = self._lookup(points, "nearest" if self.mode == "nearest" else "bilinear")
+        return torch.where(inside, out, torch.full_like(out, float(default)))
+
+    def _lookup(self, points: torch.Tensor, mode: str) -> torch.Tensor:
+        """``grid_sample`` of the stored values at voxel indices of the unpadded grid (border clamped)."""
+        nz, ny, nx = self.values.shape
+        scale = torch.tensor([2.0 / max(nx - 1, 1), 2.0 / max(ny - 1, 1), 2.0 / max(nz - 1, 1)], device=self.device)
+        shape = points.shape[1:]
+        grid = ((points.reshape(3, -1) + self.pad) * scale.view(3, 1) - 1.0).t().reshape(1, 1, 1, -1, 3)
+        out = F.grid_sample(self.values[None, None], grid, mode=mode, padding_mode="border", align_corners=True)
+        return out.reshape(shape)
+
+    def _bspline_scipy(self, points: torch.Tensor) -> torch.Tensor:
+        """The same spline on the CPU by ``scipy.ndimage.map_coordinates`` (64 taps per point in C, no
+        temporaries): 5x less CPU than the eight look-ups through ``grid_sample`` on a CPU. Slabs run on
+        torch's thread count (SciPy releases the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from scipy import ndimage
+
+        coefficients = self.values.numpy()
+        zyx = (points.flip(0) + float(self.pad)).numpy()  # (x, y, z) -> array axes (z, y, x) of the padded grid
+        # the padding holds every tap of points up to half a voxel outside; beyond, "nearest" only keeps
+        # the look-up in bounds (those points get the default value)
+        def run(part):
+            return ndimage.map_coordinates(coefficients, zyx[:, part], order=3, mode="nearest", prefilter=False,
+                                           output=np.float32)
+
+        threads = max(1, min(torch.get_num_threads(), zyx.shape[1]))
+        if threads == 1:
+            return torch.from_numpy(run(slice(None)))
+        bounds = np.linspace(0, zyx.shape[1], threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(run, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+        return torch.from_numpy(np.concatenate(parts))
+
+    def _bspline(self, points: torch.Tensor) -> torch.Tensor:
+        """Cubic B-spline by eight trilinear look-ups (weights per axis folded into two shifted taps)."""
+        g, h = [], []
+        for axis in range(3):
+            x = points[axis]
+            base = torch.floor(x)
+            t = x - base
+            t2, t3 = t * t, t * t * t
+            w0 = (1.0 - t) ** 3 / 6.0
+            w1 = (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0
+            w3 = t3 / 6.0
+            w2 = 1.0 - w0 - w1 - w3
+            g0 = w0 + w1
+            g.append((g0, 1.0 - g0))
+            h.append((base - 1.0 + w1 / g0, base + 1.0 + w3 / (1.0 - g0)))
+        out = torch.zeros(points.shape[1:], dtype=torch.float32, device=self.device)
+        for a in range(2):
+            for b in range(2):
+                for c in range(2):
+                    where = torch.stack((h[0][a], h[1][b], h[2][c]))
+                    out += g[0][a] * g[1][b] * g[2][c] * self._lookup(where, "bilinear")
+        return out
+
 
 @dataclass
 class NativeMapper:
@@ -58,6 +167,7 @@ class NativeMapper:
     offset: np.ndarray
     device: torch.device
     chunk_slices: int = 48
+    _slab_cache: list | None = field(default=None, init=False, repr=False)
 
     def _index_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K, k0)``: template index ``q = K i + k0`` of native index ``i`` (both (x, y, z))."""
@@ -69,7 +179,16 @@ class NativeMapper:
         return as_t(k), as_t(k0)
 
     def _slabs(self):
-        """Yield ``(z0, q)``: template indices ``(3, z, Y, X)`` of each slab of native voxels."""
+        """Yield ``(z0, q)``: template indices ``(3, z, Y, X)`` of each slab of native voxels.
+
+        Built once and kept (12 bytes per native voxel: 88 MB for a 1 mm head), since every output
+        of every target age walks the same slabs; callers never modify ``q`` in place.
+        """
+        if self._slab_cache is None:
+            self._slab_cache = list(self._build_slabs())
+        yield from self._slab_cache
+
+    def _build_slabs(self):
         k, k0 = self._index_map()
         nz, ny, nx = self.native_grid.shape
         y, x = torch.meshgrid(torch.arange(ny, device=self.device, dtype=torch.float32),
@@ -93,6 +212,32 @@ class NativeMapper:
         for z0, q in self._slabs():
             d = _sample_volume(disp, q)
             out[z0 : z0 + q.shape[1]] = torch.einsum("ij,j...->...i", to_native_mm, d).cpu().numpy()
+        return out
+
+    def warp_native(self, image: GridImage, template_displacement: torch.Tensor, default: float = 0.0) -> np.ndarray:
+        """The input warped by ``A o (id + d) o A^-1`` on its own grid: ``image(p + d_native(p))``, ``(Z, Y, X)``.
+
+        ``image``: the input prepared by :class:`GridImage` (on the native grid); ``template_displacement``
+        ``(3, Zt, Yt, Xt)`` voxel units of the template grid, zero outside it.  Slab by slab, so the
+        native displacement field is never held whole (nor written out as an ITK field).
+        """
+        if image.shape != self.native_grid.shape:
+            raise ValueError(f"image shape {image.shape} is not the native grid's {self.native_grid.shape}")
+        # native index displacement = Mn^-1 M Mt d (Mn, Mt: index-to-physical matrices of the two grids)
+        to_native_index = np.linalg.inv(self.native_grid.index_to_physical) @ self.matrix @ self.template_grid.index_to_physical
+        to_native_index = torch.as_tensor(to_native_index, device=self.device, dtype=torch.float32)
+        disp = template_displacement.to(self.device, torch.float32)
+        nz, ny, nx = self.native_grid.shape
+        y, x = torch.meshgrid(torch.arange(ny, device=self.device, dtype=torch.float32),
+                              torch.arange(nx, device=self.device, dtype=torch.float32), indexing="ij")
+        out = np.empty(self.native_grid.shape, dtype=np.float32)
+        for z0, q in self._slabs():
+            d = torch.einsum("ij,j...->i...", to_native_index, _sample_volume(disp, q))
+            z = torch.arange(z0, z0 + q.shape[1], device=self.device, dtype=torch.float32).view(-1, 1, 1)
+            d[0] += x
+            d[1] += y
+            d[2] += z
+            out[z0 : z0 + q.shape[1]] = image.sample(d, default).cpu().numpy()
         return out
 
     def pull_template(

@@ -98,6 +98,51 @@ class TqdmReporter(Reporter):
         return super().finish()
 
 
+class LineReporter(Reporter):
+    """One plain line per stage on ``stream`` (stderr by default): for logs, pipes and CI.
+
+    A tqdm bar redrawn into a file leaves one line per redraw (thousands per run); this writes a line
+    when a stage starts and one at the end with the per-stage times.
+    """
+
+    def __init__(self, stream=None) -> None:
+        super().__init__()
+        self.stream = stream or sys.stderr
+        self._started = time.perf_counter()
+        self._shown: str | None = None
+
+    def _write(self, text: str) -> None:
+        self.stream.write(f"[{time.perf_counter() - self._started:7.1f} s] {text}\n")
+        self.stream.flush()
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        super().progress(stage, fraction, message)
+        if stage != self._shown:
+            self._shown = stage
+            self._write(f"{stage}: {message}" if message else stage)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self._write(f"[{level}] {message}")
+
+    def finish(self) -> dict[str, float]:
+        timings = super().finish()
+        if timings:
+            self._write("done (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ")")
+        return timings
+
+
+def reporter_for(as_json: bool = False, quiet: bool = False, stream=None) -> Reporter:
+    """The reporter a command line asks for: JSON lines, silent, a tqdm bar on a terminal, else one line per stage."""
+    if as_json:
+        return JsonLinesReporter()
+    if quiet:
+        return Reporter()
+    stream = stream or sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        return TqdmReporter()
+    return LineReporter(stream)
+
+
 @contextlib.contextmanager
 def errors_reported(reporter: Reporter, as_json: bool):
     """Let errors propagate, but first end a JSON-lines stream with an ``error`` event.
@@ -107,10 +152,12 @@ def errors_reported(reporter: Reporter, as_json: bool):
     try:
         yield
     except InBrainSynError as exc:
-        if as_json:
+        if as_json and not getattr(exc, "json_reported", False):
             reporter.error(str(exc), exc.exit_code)
+            exc.json_reported = True
         raise
     except Exception as exc:
-        if as_json:
+        if as_json and not getattr(exc, "json_reported", False):
             reporter.error(f"{type(exc).__name__}: {exc}", 1)
+            exc.json_reported = True
         raise

@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from inbrainsyn import __version__
+from inbrainsyn.cli import common
 from inbrainsyn.errors import InBrainSynError
 
 # Modules that register sub-commands, in the order they appear in --help.
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(subparsers)
+    for leaf in common.leaf_parsers(parser):
+        if leaf is not parser:
+            common.add_common_options(leaf)
     return parser
 
 
@@ -67,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _terminate_cleanly()
     try:
+        common.apply(args)
         return int(args.func(args) or 0)
     except InBrainSynError as exc:
+        if getattr(args, "json", False) and not getattr(exc, "json_reported", False):
+            from inbrainsyn.progress import JsonLinesReporter
+
+            JsonLinesReporter().error(str(exc), exc.exit_code)
         print(f"inbrainsyn {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

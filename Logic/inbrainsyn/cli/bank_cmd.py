@@ -24,7 +24,6 @@ def add_parser(subparsers) -> None:
     build.add_argument("--aal", default="/tmp/mricron/usr/share/mricron/templates/aal.nii.gz",
                        help="AAL atlas NIfTI (Debian mricron-data templates/aal.nii.gz)")
     build.add_argument("--spacing", type=float, default=1.5, help="voxel size of the bank in mm (default 1.5)")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     build.set_defaults(func=run_build)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 

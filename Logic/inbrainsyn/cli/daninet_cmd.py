@@ -29,7 +29,6 @@ def add_parser(subparsers) -> None:
     t.add_argument("--slice-stride", type=int, default=3, help="use every n-th slice of the band")
     t.add_argument("--holdout", type=int, default=0, help="subjects held out for evaluation (listed in split.json)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this time")
     t.add_argument("--tiny", action="store_true", help="a very small network (tests)")
@@ -55,8 +54,6 @@ def add_parser(subparsers) -> None:
                    help="reuse an alignment instead of registering: the manifest.json of an earlier "
                         "'inbrainsyn synthesize' run of this scan, or an ITK transform file (template mm -> input mm); "
                         "without it a coarse (8/4 mm) affine is computed")
-    v.add_argument("--overwrite", action="store_true")
-    v.add_argument("--json", action="store_true", help="print progress and the result as JSON lines (for front ends)")
     v.set_defaults(func=run_preview)
 
     e = sub.add_parser("evaluate", help="held-out subjects: predicted slices vs true follow-ups")
@@ -69,7 +66,6 @@ def add_parser(subparsers) -> None:
                    help="also predict with InBrainSyn (pole ladder) and score it on the same slices")
     e.add_argument("--inbrainsyn-cache", default=None, help="folder to keep/reuse InBrainSyn's predicted volumes")
     e.add_argument("-o", "--output", required=True)
-    e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=run_evaluate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -124,9 +120,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _reporter(args):
-    from inbrainsyn.progress import JsonLinesReporter, Reporter
+    from inbrainsyn.cli.common import make_reporter
 
-    return JsonLinesReporter() if args.json else Reporter()
+    return make_reporter(args)
 
 
 def run_preview(args: argparse.Namespace) -> int:
@@ -184,7 +180,10 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
         inputs["native_slice"] = int(args.native_slice)
         reporter.log(f"native slice {args.native_slice} -> template slice {slice_index}")
     reporter.progress("predict", 0.6, f"DaniNet on template slice {slice_index}")
+    from inbrainsyn import fields
+
     result = preview.preview_slices(image, slice_index, args.age, args.cohort, args.targets, model=model,
+                                    device=fields.resolve_device(args.device),
                                     finetune_steps=args.finetune_steps, assembly=args.assembly)
     reporter.progress("write", 0.9, f"writing {args.output}")
     manifest = preview.write_preview(
@@ -236,7 +235,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
             w.writeheader()
             w.writerows(rows)
-        (stage / "table.md").write_text(table)
+        (stage / "table.md").write_text(table, encoding="utf-8")
         io.write_json({"tool": "inbrainsyn", "command": "daninet evaluate", "data": str(Path(args.data).absolute()),
                        "subjects": chosen, "summary": summary,
                        "outputs": [{"kind": "metrics", "path": "metrics.csv"}, {"kind": "table", "path": "table.md"}]},

@@ -19,10 +19,6 @@ def add_parser(subparsers) -> None:
         "75, 80 and 85 under healthy ageing and under Alzheimer's disease, and print where the reports are.",
     )
     parser.add_argument("-o", "--output", default="inbrainsyn-demo", help="output folder (default: ./inbrainsyn-demo)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=run)
 
 

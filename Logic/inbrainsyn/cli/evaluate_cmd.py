@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def add_parser(subparsers) -> None:
-    from inbrainsyn.evaluate import METHODS
+# inbrainsyn.evaluate.METHODS, spelled out so that building the parser does not import the engine
+# (Testing/test_cli_common.py checks that the two agree)
+METHODS = ("pole", "schild", "conjugation", "half-conjugation", "untransported", "template", "copy")
 
+
+def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="score every method against the true follow-ups of a phantom cohort",
@@ -21,16 +24,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--first-subject", type=int, default=0, help="index of the first subject used (to split a run)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--bank", default=None, help="template bank folder (default: the shipped bank)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--overwrite", action="store_true")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from inbrainsyn.evaluate import run_evaluation
-    from inbrainsyn.progress import TqdmReporter
+    from inbrainsyn.cli.common import make_reporter
 
-    reporter = TqdmReporter()
+    reporter = make_reporter(args)
     result = run_evaluation(Path(args.phantom), Path(args.output), bank_path=args.bank, device=args.device,
                             subjects=args.subjects, methods=tuple(args.methods), overwrite=args.overwrite, reporter=reporter,
                             first_subject=args.first_subject)

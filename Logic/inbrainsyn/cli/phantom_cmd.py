@@ -24,7 +24,6 @@ def add_parser(subparsers) -> None:
                         help="follow-up intervals after baseline in years (default 2 4 6)")
     parser.add_argument("--skull", action="store_true", help="surround the brain with a synthetic skull and scalp")
     parser.add_argument("--bank", default=None, help="template bank folder with an atrophy model (default: shipped bank)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.set_defaults(func=run)
 
 

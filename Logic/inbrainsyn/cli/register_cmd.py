@@ -54,12 +54,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--fast", action="store_true", help="stop the optimisation at 2 mm resolution (about 2x faster at 1 mm)")
     parser.add_argument("--smoothing", type=float, default=None,
                         help="Gaussian sigma (control-grid voxels) applied to the SVF after each update (default 1.0)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (the optimisation is deterministic)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="progress and result as JSON lines (for front ends)")
     parser.set_defaults(func=run)
 
 
@@ -164,7 +159,7 @@ def register_files(args, reporter) -> Path:
 
 
 def run(args) -> int:
-    from inbrainsyn.cli.synthesize_cmd import make_reporter
+    from inbrainsyn.cli.common import make_reporter
     from inbrainsyn.progress import errors_reported
 
     reporter = make_reporter(args)

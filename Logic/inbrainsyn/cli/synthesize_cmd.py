@@ -9,10 +9,6 @@ def add_common_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", default="pole", choices=["pole", "schild", "conjugation", "half-conjugation", "none"],
                         help="parallel transport of the template ageing into the subject (default: pole ladder)")
     parser.add_argument("--bank", default=None, help="template bank folder (default: the shipped model bank)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--json", action="store_true", help="print progress and results as JSON lines (for front ends)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (results are deterministic for a seed)")
 
 
@@ -42,13 +38,9 @@ def add_parser(subparsers) -> None:
 
 
 def make_reporter(args):
-    from inbrainsyn.progress import JsonLinesReporter, Reporter, TqdmReporter
+    from inbrainsyn.cli.common import make_reporter as common_reporter
 
-    if args.json:
-        return JsonLinesReporter()
-    if args.quiet:
-        return Reporter()
-    return TqdmReporter()
+    return common_reporter(args)
 
 
 def execute(request, args) -> int:

@@ -13,18 +13,16 @@ import datetime
 import time
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-import torch
-
 from inbrainsyn.errors import InputError, ProcessingError
+
+# inbrainsyn.transport.METHODS, spelled out so that building the parser does not import torch
+# (Testing/test_cli_common.py checks that the two agree)
+METHODS = ("pole", "schild", "half-conjugation", "conjugation", "none")
 
 SIDE_CAR_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def add_parser(subparsers) -> None:
-    from inbrainsyn.transport import METHODS
-
     parser = subparsers.add_parser(
         "transport",
         help="parallel-transport a template ageing SVF onto a subject (pole ladder & co.)",
@@ -48,8 +46,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--displacement", default=None, metavar="DISP.nii.gz",
                         help="also write the displacement to warp S by (exp(W); for the conjugations without a mask "
                              "the composed map itself, no log needed)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default auto)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.set_defaults(func=run)
 
 
@@ -75,7 +71,11 @@ def _check_same_grid(grid_a, label_a: str, grid_b, label_b: str) -> None:
         )
 
 
-def read_mask(path: str, grid, along_label: str) -> torch.Tensor:
+def read_mask(path: str, grid, along_label: str) -> "torch.Tensor":
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
     """Scalar 3D mask on ``grid`` as ``(Z, Y, X)`` float weights in [0, 1]."""
     from inbrainsyn import fields, io
 
@@ -92,7 +92,9 @@ def read_mask(path: str, grid, along_label: str) -> torch.Tensor:
     return torch.from_numpy(np.clip(array, 0.0, 1.0))
 
 
-def max_norm_mm(field: torch.Tensor, grid) -> float:
+def max_norm_mm(field: "torch.Tensor", grid) -> float:
+    import torch
+
     """Largest vector length of a voxel-unit field ``(3, Z, Y, X)`` in mm."""
     matrix = torch.as_tensor(grid.index_to_physical, dtype=torch.float32)
     mm = torch.einsum("ij,j...->i...", matrix, field.detach().cpu().float())
@@ -100,6 +102,9 @@ def max_norm_mm(field: torch.Tensor, grid) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+    import torch
+
     from inbrainsyn import __version__, fields, io
     from inbrainsyn import transport as tr
 

@@ -55,7 +55,7 @@ def inbrainsyn_predictions(scans: list[Scan], transport_method: str = "pole", ca
             sitk.WriteImage(img, str(names[key]))
         return out
     from inbrainsyn import fields, io
-    from inbrainsyn.native import NativeMapper, resample_native
+    from inbrainsyn.native import GridImage, NativeMapper
     from inbrainsyn.progress import Reporter
     from inbrainsyn.synthesis import SynthesisRequest, register_subject, transported_ageing
     from inbrainsyn.templates import load_bank
@@ -75,11 +75,8 @@ def inbrainsyn_predictions(scans: list[Scan], transport_method: str = "pole", ca
     # The pipeline's own transport (coarse-grid ladder, accurate exponential), so the table compares
     # DaniNet with what `inbrainsyn synthesize` would produce.
     targets = transported_ageing(registered, request, bank, device)
-    out = {}
-    for fu, target in zip(scans[1:], targets):
-        pred = resample_native(subject, mapper.native_map(target.displacement), sitk.sitkBSpline)
-        out[str(fu.path)] = sitk.GetArrayFromImage(pred)
-    return out
+    spline = GridImage(subject, device, "bspline")
+    return {str(fu.path): mapper.warp_native(spline, target.displacement) for fu, target in zip(scans[1:], targets)}
 
 
 @torch.no_grad()

@@ -72,9 +72,25 @@ def _check_targets(targets) -> list[float]:
 
 @torch.no_grad()
 def bin_outputs(model: DaniNet, frame: torch.Tensor, dx: int, slice_index: int) -> torch.Tensor:
-    """g_b for all bins: frame (1, 1, S, S) -> (10, 1, S, S) in [-1, 1]."""
-    z = model.E(frame)
-    return model.generate_all_bins(z, torch.tensor([dx]), torch.tensor([slice_index]))[0]
+    """g_b for all bins: frame (1, 1, S, S) -> (10, 1, S, S) in [-1, 1], on the CPU.
+
+    Runs on the model's device (every tensor made inside is made there too).
+    """
+    device = next(model.parameters()).device
+    with torch.device(device):
+        z = model.E(frame.to(device))
+        g = model.generate_all_bins(z, torch.tensor([dx]), torch.tensor([slice_index]))[0]
+    return g.cpu()
+
+
+def on_device(model: DaniNet, device: torch.device | str | None) -> DaniNet:
+    """``model`` on ``device`` (a copy when it must move: the loaded model is cached and shared)."""
+    device = torch.device(device or "cpu")
+    if next(model.parameters()).device == device:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(device)
 
 
 def blend_bins(g: torch.Tensor, age: float) -> torch.Tensor:
@@ -164,7 +180,7 @@ def template_slice_for_native_slice(native_slice: int, native: sitk.Image, templ
 
 def preview_slices(volume_in_template_space: np.ndarray | sitk.Image, slice_index: int, age: float, cohort: str,
                    targets, weights: str | Path | None = None, finetune_steps: int = 0,
-                   model: DaniNet | None = None, assembly: str = "residual") -> dict:
+                   model: DaniNet | None = None, assembly: str = "residual", device: torch.device | str = "cpu") -> dict:
     """Predict axial slice ``slice_index`` of a template-space volume at each target age.
 
     Returns a dict with ``baseline`` (Y, X) and ``predictions`` (list of (Y, X), one per target),
@@ -199,6 +215,7 @@ def preview_slices(volume_in_template_space: np.ndarray | sitk.Image, slice_inde
         ks = [j for j in range(k - 2, k + 3) if lo <= j <= hi]
         model = finetune(model, geometry.to_frame(vol[ks], model.cfg.frame_size), age, dx, np.array(ks), finetune_steps)
     t_ft = time.perf_counter()
+    model = on_device(model, device)  # fine-tuning (above) runs on the CPU
     g = bin_outputs(model, frame, dx, k)
     g0 = geometry.from_frame(blend_bins(g, age), x.shape)[0]
     preds = [assemble(x, g0, geometry.from_frame(blend_bins(g, t), x.shape)[0], age, t, assembly) for t in targets]
@@ -207,7 +224,7 @@ def preview_slices(volume_in_template_space: np.ndarray | sitk.Image, slice_inde
     return {
         "baseline": x, "predictions": preds, "bins": bins, "targets": targets, "age": age,
         "cohort": cohort, "diagnosis_class": cond.DIAGNOSIS_CLASSES[dx], "slice_index": k,
-        "assembly": assembly, "finetune_steps": int(finetune_steps),
+        "assembly": assembly, "finetune_steps": int(finetune_steps), "device": str(torch.device(device)),
         "timings_s": {"prepare": t_load - t0, "finetune": t_ft - t_load, "predict": t_end - t_ft, "total": t_end - t0},
     }
 
@@ -273,7 +290,7 @@ def write_preview(result: dict, outdir: str | Path, inputs: dict, parameters: di
         outputs.append({"kind": "report", "path": "strip.png"})
         manifest = {
             "tool": "inbrainsyn", "command": "daninet preview", "version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": "cpu",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": result.get("device", "cpu"),
             "inputs": {**inputs, "age": result["age"], "cohort": result["cohort"], "targets": result["targets"],
                        "slice": k},
             "parameters": {**parameters, "assembly": result["assembly"], "finetune_steps": result["finetune_steps"],

@@ -11,6 +11,12 @@ skull/no skull; multi-resolution levels at about 8, 4 and 2 mm with Gaussian smo
 2. rigid (6 dof, ``Euler3DTransform``);
 3. affine (12 dof), started from the rigid result.
 
+Speed: an affine map is fixed by coarse structure, so before the search both images are reduced
+once to about the finest level's resolution by block averaging (``sitk.BinShrink``, integer factors,
+physical space kept): ITK then builds its pyramid and evaluates the metric on images up to 8x
+smaller than a 1 mm scan (the demo subject: 12 s -> 4 s of CPU; the result moves by 0.15-0.2 mm in
+the brain, against 0.06 mm between two sampling seeds of the full-resolution search).
+
 Deterministic: metric samples are drawn with a fixed seed and, with ``threads=1`` (the default),
 ITK runs single-threaded, which makes results bit-identical between runs; more threads are faster
 on an idle machine but change the result in the last digits (about 1e-5 mm).
@@ -18,6 +24,7 @@ on an idle machine but change the result in the last digits (about 1e-5 mm).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +49,29 @@ class AffineConfig:
     initialisation: str = "moments"  # "moments" (centres of mass) or "geometry" (image centres)
     rigid_only: bool = False
     threads: int = 1  # ITK threads during the registration (1: bit-identical results)
+    # block-average both images once to about the finest level's resolution before the search
+    reduce_to_finest_level: bool = True
 
 
 def _cast(image: sitk.Image) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def reduced(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """``image`` block-averaged by integer factors to a voxel size of at most about ``spacing_mm``.
+
+    Factor per axis ``floor(spacing_mm / voxel size)`` (1 leaves that axis as it is); BinShrink keeps
+    the physical extent and position, so transforms found on the result hold for the original.
+    """
+    factors = [max(1, int(math.floor(spacing_mm / s + 1e-6))) for s in image.GetSpacing()]
+    return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
+def _mask_on(mask: sitk.Image | None, reference: sitk.Image) -> sitk.Image | None:
+    """A binary mask carried (nearest neighbour) onto a reduced image's grid."""
+    if mask is None or mask.GetSize() == reference.GetSize():
+        return mask
+    return sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
 
 
 def initial_translation(fixed: sitk.Image, moving: sitk.Image, mode: str = "moments") -> sitk.Euler3DTransform:
@@ -118,6 +144,10 @@ def affine_register(
     """
     config = config or AffineConfig()
     fixed_f, moving_f = _cast(fixed), _cast(moving)
+    if config.reduce_to_finest_level and config.shrink_factors is None:
+        finest = min(config.level_spacings_mm)
+        fixed_f, moving_f = reduced(fixed_f, finest), reduced(moving_f, finest)
+        fixed_mask, moving_mask = _mask_on(fixed_mask, fixed_f), _mask_on(moving_mask, moving_f)
     rigid = initial_translation(fixed_f, moving_f, config.initialisation)
     _run(fixed_f, moving_f, rigid, config, config.rigid_iterations, fixed_mask, moving_mask, seed)
     affine = sitk.AffineTransform(3)
