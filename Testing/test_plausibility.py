@@ -78,17 +78,34 @@ def test_contrast_check_without_tissues_fails_with_a_message():
     assert not result.passed and "could not be found" in result.message
 
 
+# The bank template's own volumes for these tests: the first (2 mm CSF shell) bank's MNI152 values, on
+# which the adult ranges were set (ICV 1050-2400, brain 800-2100 mL).
+TEMPLATE_VOLUMES = {"intracranial_ml": 2070.0, "brain_ml": 1701.0}
+
+
+def test_volume_ranges_follow_the_banks_own_template():
+    ranges = pl.volume_ranges_ml(TEMPLATE_VOLUMES)
+    assert ranges["intracranial_ml"] == pytest.approx([1050.0, 2400.0])
+    assert ranges["brain_ml"] == pytest.approx([800.0, 2100.0])
+    # a bank whose labels add a wider CSF shell (larger ICV) widens the ICV range in proportion
+    wider = pl.volume_ranges_ml({"intracranial_ml": 2337.0, "brain_ml": 1701.0})
+    assert wider["intracranial_ml"][1] == pytest.approx(2400.0 * 2337.0 / 2070.0)
+    assert pl.check_volumes({"intracranial_ml": 2403.0, "brain_ml": 1500.0},
+                            {"intracranial_ml": 2337.0, "brain_ml": 1701.0}).passed
+    assert not pl.check_volumes({"intracranial_ml": 2403.0, "brain_ml": 1500.0}, TEMPLATE_VOLUMES).passed
+
+
 def test_volume_check():
     labels = phantom_labels()
     tissue = int(((labels > 0) & (labels != 7) & (labels != 1)).sum())
     adult = pl.subject_volumes_ml(labels, NAMES, voxel_ml=1200.0 / tissue)
     assert adult["brain_ml"] == pytest.approx(1200.0)
-    assert pl.check_volumes(adult).passed
+    assert pl.check_volumes(adult, TEMPLATE_VOLUMES).passed
     # the same head with voxel sizes 1.5x too large in the header: 3.4x the volume
     wrong = pl.subject_volumes_ml(labels, NAMES, voxel_ml=1.5 ** 3 * 1200.0 / tissue)
-    result = pl.check_volumes(wrong)
+    result = pl.check_volumes(wrong, TEMPLATE_VOLUMES)
     assert not result.passed and "voxel size in the image header" in result.message
-    small = pl.check_volumes({"intracranial_ml": 400.0, "brain_ml": 300.0})
+    small = pl.check_volumes({"intracranial_ml": 400.0, "brain_ml": 300.0}, TEMPLATE_VOLUMES)
     assert not small.passed and "intracranial volume 400 mL" in small.message and "brain volume 300 mL" in small.message
 
 
@@ -109,7 +126,7 @@ class Recorder(Reporter):
 
 
 def test_enforce_stops_or_marks():
-    results = [pl.check_coverage(1.0), pl.check_fit(0.1), pl.check_volumes({"intracranial_ml": 5000.0, "brain_ml": 4000.0})]
+    results = [pl.check_coverage(1.0), pl.check_fit(0.1), pl.check_volumes({"intracranial_ml": 5000.0, "brain_ml": 4000.0}, TEMPLATE_VOLUMES)]
     with pytest.raises(ImplausibleInputError) as info:
         pl.enforce(results, force=False)
     text = str(info.value)

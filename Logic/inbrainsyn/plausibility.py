@@ -42,12 +42,15 @@ MIN_COVERAGE = 0.88
 # GM-CSF >= 0.30; T2/FLAIR/PD-like remaps: WM-GM <= -0.08.  The thresholds sit in the gap.
 MIN_WM_GM_MARGIN = 0.04
 MIN_GM_CSF_MARGIN = 0.08
-# Adult volumes in the engine's units (mL): intracranial (every template label: tissue + CSF) and brain
-# tissue (GM + WM), as the registered template measures them.  The template's labels are generous
-# (MNI152 itself measures ICV 2070 / brain 1701 mL), so the adult ranges of the literature (ICV ~1050-1950,
-# brain ~850-1600 mL) are scaled by the template's inflation (~1.12 ICV, ~1.2 brain) and widened by 10 %.
-ICV_RANGE_ML = (1050.0, 2400.0)
-BRAIN_RANGE_ML = (800.0, 2100.0)
+# Adult volumes relative to the bank template's own: intracranial (every template label: tissue + CSF)
+# and brain tissue (GM + WM), as the registered template measures them.  The template's labels are
+# generous (with the 2 mm CSF shell of the first bank MNI152 measured ICV 2070 / brain 1701 mL), so the
+# adult ranges of the literature (ICV ~1050-1950, brain ~850-1600 mL) were scaled by the template's
+# inflation (~1.12 ICV, ~1.2 brain) and widened by 10 %: ICV 1050-2400, brain 800-2100 mL for that bank.
+# Kept as ratios to the template's own volumes, so that a bank whose labels define the intracranial
+# space differently (the regional bank adds a 5 mm CSF shell: ICV 2337 mL) keeps the same decisions.
+ICV_RATIO_RANGE = (1050.0 / 2070.0, 2400.0 / 2070.0)
+BRAIN_RATIO_RANGE = (800.0 / 1701.0, 2100.0 / 1701.0)
 # Fit: local correlation of template and subject after registration (below: no brain found).
 MIN_FIT_SIMILARITY = 0.25
 
@@ -187,15 +190,23 @@ def subject_volumes_ml(labels: np.ndarray, label_names: dict, voxel_ml: float) -
     return {"intracranial_ml": icv, "brain_ml": brain}
 
 
-def check_volumes(volumes: dict) -> CheckResult:
+def volume_ranges_ml(template_volumes: dict) -> dict:
+    """Plausible adult ``intracranial_ml`` and ``brain_ml`` ranges for a bank whose template measures
+    ``template_volumes`` (:func:`subject_volumes_ml` of its unwarped labels)."""
+    return {"intracranial_ml": [r * template_volumes["intracranial_ml"] for r in ICV_RATIO_RANGE],
+            "brain_ml": [r * template_volumes["brain_ml"] for r in BRAIN_RATIO_RANGE]}
+
+
+def check_volumes(volumes: dict, template_volumes: dict) -> CheckResult:
     icv, brain = volumes["intracranial_ml"], volumes["brain_ml"]
-    threshold = {"intracranial_ml": list(ICV_RANGE_ML), "brain_ml": list(BRAIN_RANGE_ML)}
+    threshold = {k: [round(v, 1) for v in r] for k, r in volume_ranges_ml(template_volumes).items()}
+    (icv_lo, icv_hi), (brain_lo, brain_hi) = threshold["intracranial_ml"], threshold["brain_ml"]
     value = {k: round(float(v), 1) for k, v in volumes.items()}
     problems = []
-    if not (ICV_RANGE_ML[0] <= icv <= ICV_RANGE_ML[1]):
-        problems.append(f"intracranial volume {icv:.0f} mL (adults: {ICV_RANGE_ML[0]:.0f}-{ICV_RANGE_ML[1]:.0f} mL)")
-    if not (BRAIN_RANGE_ML[0] <= brain <= BRAIN_RANGE_ML[1]):
-        problems.append(f"brain volume {brain:.0f} mL (adults: {BRAIN_RANGE_ML[0]:.0f}-{BRAIN_RANGE_ML[1]:.0f} mL)")
+    if not (icv_lo <= icv <= icv_hi):
+        problems.append(f"intracranial volume {icv:.0f} mL (adults: {icv_lo:.0f}-{icv_hi:.0f} mL)")
+    if not (brain_lo <= brain <= brain_hi):
+        problems.append(f"brain volume {brain:.0f} mL (adults: {brain_lo:.0f}-{brain_hi:.0f} mL)")
     if not problems:
         return CheckResult("volumes", True, value, threshold)
     message = (
@@ -245,7 +256,9 @@ def check_registered(subject: sitk.Image, registered, bank, labels_t: torch.Tens
     return [
         coverage_after_affine(subject, bank, registered.affine_matrix, registered.affine_offset),
         check_contrast(contrast_margins(tissue_medians(image, labels, bank.label_names))),
-        check_volumes(subject_volumes_ml(labels, bank.label_names, voxel_ml)),
+        check_volumes(subject_volumes_ml(labels, bank.label_names, voxel_ml),
+                      subject_volumes_ml(labels_t.round().to(torch.int32).cpu().numpy(), bank.label_names,
+                                         float(np.prod(bank.grid.spacing)) / 1000.0)),
         check_fit(registered.similarity),
     ]
 
