@@ -170,7 +170,8 @@ def run_method(method: str, folder: Path, threads: int, timeout: float, config_j
     env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     proc = subprocess.run([sys.executable, __file__, "--child", method, "--folder", str(folder), "--threads", str(threads),
-                           "--config", config_json], capture_output=True, text=True, env=env, timeout=timeout)
+                           "--config", config_json], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=str(folder))  # transformix writes deformationField.nii into the working directory
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
