@@ -63,7 +63,12 @@ def test_register_writes_fields_that_itk_resampling_reproduces(phantom_files, tm
     svf, grid = fields.field_from_sitk(sitk.ReadImage(str(out / "svf.nii.gz")))
     displacement, _ = fields.field_from_sitk(field)
     assert grid.same_as(GRID)
-    assert float((fields.exp(svf) - displacement).abs().max()) < 0.1  # voxels: exp taken on the control grid
+    # exp is taken on the control grid (2x coarser here) and upsampled: inside the mask it matches exp
+    # of the written SVF to a fraction of a voxel (with the weaker regularisation of issue 9 the SVF is
+    # less smooth, so the bound is 0.2 voxel, mean 0.02; outside the registered box v is border-replicated)
+    gap = (fields.exp(svf) - displacement).abs().amax(0)
+    mask = fields.image_to_tensor(sitk.ReadImage(str(phantom_files["mask"]))) > 0
+    assert float(gap[mask].max()) < 0.2 and float(gap[mask].mean()) < 0.02
 
 
 def test_moving_on_another_overlapping_grid_is_resampled(phantom_files, tmp_path):

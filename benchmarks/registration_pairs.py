@@ -70,11 +70,11 @@ def known_pair(images: dict, smoothness_mm: float, max_mm: float, seed: int) -> 
 
 
 def _tissue_from_maps(maps: torch.Tensor, names: list[str]) -> dict:
-    idx = {n: i for i, n in enumerate(names)}
-    gm = sum(maps[idx[n]] for n in ("cortical_gm", "subcortical_gm", "hippocampus", "amygdala") if n in idx)
-    wm = maps[idx["cerebral_wm"]]
-    csf = sum(maps[idx[n]] for n in ("csf", "lateral_ventricles") if n in idx)
-    return {"gm": gm, "wm": wm, "csf": csf}
+    """GM (every grey-matter label, cortical parcels included), WM and CSF (with the ventricles)."""
+    fluid = [i for i, n in enumerate(names) if n in ("csf", "lateral_ventricles")]
+    wm = [i for i, n in enumerate(names) if n == "cerebral_wm"]
+    gm = [i for i in range(len(names)) if i not in fluid and i not in wm]
+    return {"gm": maps[gm].sum(0), "wm": maps[wm].sum(0), "csf": maps[fluid].sum(0)}
 
 
 def load_bank_anatomy(bank, spacing_mm: float | None = None) -> dict:

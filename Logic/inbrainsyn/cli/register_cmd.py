@@ -50,10 +50,13 @@ def add_parser(subparsers) -> None:
                         "mse: mean squared difference (same contrast)")
     parser.add_argument("--window", type=int, default=None, help="LNCC window in voxels (odd, default 5)")
     parser.add_argument("--levels", type=_int_tuple, default=None, help="pyramid shrink factors, coarse to fine (default 4,2,1)")
-    parser.add_argument("--iterations", type=_int_tuple, default=None, help="iterations per level (default 80,40,4)")
+    parser.add_argument("--iterations", type=_int_tuple, default=None, help="largest number of iterations per level (default 200,200,20; a level stops earlier on a plateau)")
     parser.add_argument("--fast", action="store_true", help="stop the optimisation at 2 mm resolution (about 2x faster at 1 mm)")
     parser.add_argument("--smoothing", type=float, default=None,
-                        help="Gaussian sigma (control-grid voxels) applied to the SVF after each update (default 1.0)")
+                        help="Gaussian sigma (control-grid voxels) applied to the SVF after each update (default 0.35)")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="forces from both images in the middle space (inverse-consistent: swapping FIXED and MOVING "
+                        "negates v); about 1.7x slower and not more accurate on the battery (docs/registration.md)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (the optimisation is deterministic)")
     parser.set_defaults(func=run)
 
@@ -67,7 +70,7 @@ def build_config(args):
         config.window = args.window
     if (args.levels is None) != (args.iterations is None):
         raise InputError("--levels and --iterations go together: give one iteration count per level, "
-                         "e.g. --levels 4,2,1 --iterations 80,40,4")
+                         "e.g. --levels 4,2,1 --iterations 200,200,20")
     if args.levels is not None:
         if len(args.levels) != len(args.iterations):
             raise InputError(f"--levels {args.levels} and --iterations {args.iterations} must have the same length")
@@ -78,6 +81,8 @@ def build_config(args):
         config.min_level_spacing_mm = 2.0
     if args.smoothing is not None:
         config.diffusion_sigma = args.smoothing
+    if getattr(args, "symmetric", False):
+        config.symmetric = True
     try:
         config.validate()
     except ValueError as exc:
@@ -146,6 +151,7 @@ def register_files(args, reporter) -> Path:
                 "seconds": result.seconds,
                 "registered_box": result.box,
                 "iterations_run": len(result.history),
+                "convergence": result.convergence,
             },
             "timings_s": {"read": read_seconds, **{f"registration_{k}": v for k, v in result.timings_s.items()},
                           "registration": result.seconds, "write": time.perf_counter() - write_started},

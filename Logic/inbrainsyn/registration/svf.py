@@ -78,7 +78,7 @@ class SVFRegistrationConfig:
     step: float = 0.5  # largest update per iteration, control voxels
     final_step_fraction: float = 0.3  # the step is halved on each plateau down to step * this
     fluid_sigma: float = 1.0  # Gaussian smoothing of each update, control voxels
-    diffusion_sigma: float = 0.5  # Gaussian smoothing of v after each update, control voxels
+    diffusion_sigma: float = 0.35  # Gaussian smoothing of v after each update, control voxels
     bch_order: int = 1  # 1: v + u; 2: v + u + 1/2 [v, u]
     symmetric: bool = False  # forces from both images in the middle space (exp(v/2), exp(-v/2))
     convergence_window: int = 10  # plateau test over this many iterations (0: run every iteration)
