@@ -279,3 +279,20 @@ def test_per_gpu_workers_each_see_one_device():
         assert sorted(seen.values()) == ["0", "1"]
     finally:
         cluster.close()
+
+
+def test_phantom_on_the_cluster_writes_the_same_files_as_in_process(tmp_path, client):
+    from inbrainsyn.phantom import PhantomConfig, make_phantom
+    from inbrainsyn.templates import load_bank
+
+    config = PhantomConfig(subjects=2, seed=5, spacing=4.0, followup_years=(3.0,))
+    serial = make_phantom(tmp_path / "serial", config, bank=load_bank(None), log=lambda *_: None)
+    ours = make_phantom(tmp_path / "dask", config, bank=load_bank(None), log=lambda *_: None, cluster=client)
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file()) and len(files) > 10
+    for name in files:
+        if name.name != "phantom.json":
+            assert (serial / name).read_bytes() == (ours / name).read_bytes(), name
+    a, b = (json.loads((d / "phantom.json").read_text()) for d in (serial, ours))
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b

@@ -88,6 +88,7 @@ class Outcome:
     started: float | None = None  # unix time the last attempt started on its worker
     finished: float | None = None
     seconds: float | None = None  # run time of the last attempt on its worker
+    cpu_s: float | None = None  # CPU time of the worker process during the last attempt (all its threads)
     attempts: int = 0
     worker_peak_rss_mb: float | None = None  # peak resident memory of the worker process so far
 
@@ -174,15 +175,13 @@ def _local_cluster(plan: LocalPlan, dashboard: bool):
     import dask
     from distributed import LocalCluster
 
-    dashboard_address = None
-    if dashboard:
-        with contextlib.suppress(ImportError):
-            import bokeh  # noqa: F401
-
-            dashboard_address = ":0"
+    # The scheduler's HTTP server always starts: on a free port, never the busy default 8787.
+    # ``dashboard``: also serve the dashboard there (needs bokeh).
+    dashboard_address = ":0"
     common = dict(
         threads_per_worker=plan.threads_per_worker, processes=True, host="127.0.0.1",
         dashboard_address=dashboard_address, silence_logs=logging.CRITICAL, resources={RESOURCE: 1},
+        scheduler_kwargs={"dashboard": bool(dashboard)},
     )
     # a worker that dies while running a subject: the subject is rescheduled once, then failed
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
@@ -323,13 +322,15 @@ def run_item(fn: Callable, key: str, item: Any, threads: int | None = None, per_
     elif notify is not None:
         notify(event)
     record = {**base, "status": "ok", "value": None, "error": None, "exit_code": None, "started": started}
+    cpu_started = time.process_time()
     with thread_limit(threads):
         try:
             record["value"] = fn(item)
         except InBrainSynError as exc:
             record.update(status="failed", error=str(exc), exit_code=exc.exit_code)
     finished = time.time()
-    record.update(finished=finished, seconds=round(finished - started, 3), worker_peak_rss_mb=_peak_rss_mb())
+    record.update(finished=finished, seconds=round(finished - started, 3), cpu_s=round(time.process_time() - cpu_started, 3),
+                  worker_peak_rss_mb=_peak_rss_mb())
     return record
 
 
@@ -357,12 +358,15 @@ def map_subjects(
     """``fn(item)`` for every ``(key, item)``; returns ``{key: Outcome}`` in the order of ``items``.
 
     ``options=None`` and no ``client``: in this process, one after the other.  Otherwise on Dask
-    (a new local cluster from ``options``, or ``client`` when given).  ``on_event(event)`` is called in
+    (a new local cluster from ``options``, or ``client`` -- a ``distributed.Client`` -- when given;
+    a Client may also be passed as ``options``).  ``on_event(event)`` is called in
     this thread with ``{"key", "status": "started"|"ok"|"failed", "worker", ...}`` as subjects start and
     end (attempts included).  ``threads``: torch/ITK threads per subject on workers without the
     ``subject`` resource (default 1); workers with it use all their threads.
     """
     on_event = on_event or (lambda event: None)
+    if options is not None and hasattr(options, "submit"):  # a distributed.Client given as the options
+        options, client = None, options
     if options is None and client is None:
         return _map_in_process(fn, items, on_event)
     if client is not None:
@@ -374,7 +378,7 @@ def map_subjects(
 def _finish(outcomes: dict[str, Outcome], record: dict, on_event) -> None:
     outcome = outcomes[record["key"]]
     for name in ("status", "value", "error", "exit_code", "worker", "host", "pid", "started", "finished", "seconds",
-                 "worker_peak_rss_mb"):
+                 "cpu_s", "worker_peak_rss_mb"):
         if name in record:
             setattr(outcome, name, record[name])
     outcome.attempts = max(outcome.attempts, 1)

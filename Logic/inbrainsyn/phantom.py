@@ -271,8 +271,8 @@ def make_phantom(out_dir: str | Path, config: PhantomConfig | None = None, bank:
                  overwrite: bool = False, log=print, cluster=None) -> Path:
     """Write a synthetic longitudinal cohort to ``out_dir`` (atomically); returns its path.
 
-    ``cluster``: a :class:`inbrainsyn.parallel.ClusterOptions` to build the subjects on Dask workers
-    (same files as in this process: every subject is deterministic for the seed).
+    ``cluster``: a :class:`inbrainsyn.parallel.ClusterOptions` (or a ``distributed.Client``) to build
+    the subjects on Dask workers (same files as in this process: every subject is deterministic for the seed).
     """
     from inbrainsyn import parallel
 
@@ -288,9 +288,10 @@ def make_phantom(out_dir: str | Path, config: PhantomConfig | None = None, bank:
         jobs = {f"sub-{index:03d}": (index, bank if cluster is None else str(bank.root), grid, config, str(staging))
                 for index in range(config.subjects)}
         outcomes = parallel.map_subjects(_write_subject, jobs, cluster)
-        failed = [f"{key}: {o.error}" for key, o in outcomes.items() if o.status != "ok"]
-        if failed:
-            raise ProcessingError("phantom subject(s) failed: " + "; ".join(failed))
+        failed = [o for o in outcomes.values() if o.status != "ok"]
+        if failed:  # bad settings fail every subject alike: report them as the input error they are
+            kind = InputError if failed[0].exit_code == InputError.exit_code else ProcessingError
+            raise kind("; ".join(f"{o.key}: {o.error}" for o in failed))
         for outcome in outcomes.values():
             subject_rows, plan, seconds = outcome.value
             rows.extend(subject_rows)

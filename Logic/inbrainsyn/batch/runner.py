@@ -218,7 +218,7 @@ def _subject_entry(row: CohortRow, outdir: Path, outcome: Outcome | None, skippe
         entry.update(status=outcome.status, error=outcome.error, exit_code=outcome.exit_code,
                      traceback=record["traceback"], worker=outcome.worker, host=outcome.host, pid=outcome.pid,
                      attempts=outcome.attempts, started=_iso(outcome.started), finished=_iso(outcome.finished),
-                     seconds=outcome.seconds, worker_peak_rss_mb=outcome.worker_peak_rss_mb)
+                     seconds=outcome.seconds, cpu_s=outcome.cpu_s, worker_peak_rss_mb=outcome.worker_peak_rss_mb)
         if outcome.status == "ok":
             entry.update(manifest=f"{row.subject}/manifest.json", reused=bool((outcome.value or {}).get("reused")))
     if entry["status"] in ("ok", "skipped"):
