@@ -296,3 +296,18 @@ def test_phantom_on_the_cluster_writes_the_same_files_as_in_process(tmp_path, cl
     a, b = (json.loads((d / "phantom.json").read_text()) for d in (serial, ours))
     a.pop("seconds"), b.pop("seconds")
     assert a == b
+
+
+def test_batch_on_an_existing_scheduler_whose_workers_have_no_subject_resource(tmp_path, bank, subjects, capsys):
+    """--scheduler: a plain cluster (1 worker, 2 threads, no `subject` resource) runs one subject per thread."""
+    from distributed import LocalCluster
+
+    table = write_table(tmp_path / "cohort.csv", [row("s0", subjects["s0"]), row("s1", subjects["s1"], targets="68")])
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
+        code = main(["batch", str(table), "-o", str(tmp_path / "out"), "--scheduler", cluster.scheduler_address,
+                     "--bank", str(bank), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "batch_manifest.json").read_text())
+    assert manifest["cluster"] == {"kind": "existing", "scheduler": cluster.scheduler_address}
+    assert [s["status"] for s in manifest["subjects"]] == ["ok", "ok"]
+    assert len({s["pid"] for s in manifest["subjects"]}) == 1  # the one worker process ran both
