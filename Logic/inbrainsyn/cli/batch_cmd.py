@@ -35,9 +35,11 @@ def run(args: argparse.Namespace) -> int:
     from inbrainsyn.batch import read_table, run_batch
     from inbrainsyn.batch.runner import SubjectsFailedError
     from inbrainsyn.parallel import ClusterOptions
-    from inbrainsyn.progress import JsonSubjectsReporter, SubjectsReporter, TqdmSubjectsReporter, errors_reported
+    from inbrainsyn.progress import (JsonLinesReporter, JsonSubjectsReporter, Reporter, SubjectsReporter,
+                                     TqdmSubjectsReporter, errors_reported)
 
-    rows, _ = read_table(args.table)
+    with errors_reported(JsonLinesReporter() if args.json else Reporter(), args.json):
+        rows, _ = read_table(args.table)  # only to size the progress bar: all checks come in run_batch
     if args.json:
         reporter = JsonSubjectsReporter(len(rows))
         log = reporter.lines.log
