@@ -194,7 +194,9 @@ def test_resume_after_an_interrupted_run(tmp_path, bank, subjects):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "inbrainsyn", "batch", str(table), "-o", str(out), "--workers", "1",
                "--threads-per-worker", "1", "--bank", str(bank), "--json"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # SIGINT handled as Ctrl-C even when this test runs in a background job (which inherits it ignored)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:  # interrupt (Ctrl-C) as soon as the first subject is finished
         event = json.loads(line)
         if event["event"] == "subject" and event["status"] == "ok":
@@ -231,7 +233,7 @@ def test_a_worker_killed_mid_task_is_retried_once(tmp_path, bank, subjects, clie
 
     def kill_first_start(event):
         if event["status"] == "started" and event["subject"] == "s0" and not killed:
-            time.sleep(1.0)  # well inside the synthesis (registration)
+            time.sleep(0.2)  # inside the synthesis, which takes seconds even here
             killed["pid"] = event["pid"]
             os.kill(event["pid"], signal.SIGKILL)
 
