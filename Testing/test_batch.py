@@ -31,6 +31,8 @@ from inbrainsyn.errors import InputError  # noqa: E402
 from inbrainsyn.parallel import ClusterOptions, LocalPlan, _local_cluster, map_subjects, plan_local, thread_limit  # noqa: E402
 from inbrainsyn.synthesis import SynthesisRequest, run_synthesis  # noqa: E402
 
+# The 32^3 ball bank is far below adult brain volumes: the input plausibility checks would refuse it.
+COMMON = lambda bank: {"bank": str(bank), "force_input": True}  # noqa: E731
 HEADER = ["subject", "input", "age", "cohort", "targets", "transition_age", "skull_stripped"]
 
 
@@ -103,7 +105,7 @@ def test_batch_on_two_workers_matches_serial_synthesize(tmp_path, bank, subjects
         row("s2", subjects["s2"], age=64, targets="67;72", transition="68"),
     ])
     events = []
-    result = run_batch(table, tmp_path / "out", common={"bank": str(bank)}, client=client, on_event=events.append)
+    result = run_batch(table, tmp_path / "out", common=COMMON(bank), client=client, on_event=events.append)
     assert result.counts == {"ok": 3, "failed": 0, "skipped": 0}
     workers = {e["worker"] for e in events if e["status"] == "ok"}
     assert workers <= set(client.scheduler_info()["workers"])  # ran on the cluster's worker processes
@@ -123,7 +125,7 @@ def test_batch_on_two_workers_matches_serial_synthesize(tmp_path, bank, subjects
         serial = tmp_path / f"serial-{name}"
         with thread_limit(1):
             run_synthesis(SynthesisRequest(input_path=str(subjects[name]), skull_stripped=True, bank=str(bank),
-                                           affine_threads=1, **request), serial)
+                                           affine_threads=1, force_input=True, **request), serial)
         ours = tmp_path / "out" / name
         assert manifest_problem(ours) is None
         files = sorted(p.name for p in serial.iterdir())
@@ -149,7 +151,7 @@ def test_every_table_problem_is_listed_before_any_work(tmp_path, bank, subjects)
         row("mild", subjects["s2"], cohort="MCI"),
     ])
     with pytest.raises(InputError) as caught:
-        run_batch(table, tmp_path / "out", common={"bank": str(bank)})
+        run_batch(table, tmp_path / "out", common=COMMON(bank))
     message = str(caught.value)
     for expected in ("line 3: subject 's0' is already on line 2", "missing.nii.gz: no such file",
                      "line 5 (old): age 95 is outside", "line 6 (back): target age 66 must be above",
@@ -160,7 +162,7 @@ def test_every_table_problem_is_listed_before_any_work(tmp_path, bank, subjects)
 
     (tmp_path / "short.csv").write_text("subject,input,age\ns0,a.nii.gz,70\n")
     with pytest.raises(InputError, match="missing column.*cohort, targets"):
-        run_batch(tmp_path / "short.csv", tmp_path / "out2", common={"bank": str(bank)})
+        run_batch(tmp_path / "short.csv", tmp_path / "out2", common=COMMON(bank))
 
 
 def test_a_failing_subject_is_isolated_and_the_exit_code_says_so(tmp_path, bank, subjects, capsys):
@@ -168,7 +170,7 @@ def test_a_failing_subject_is_isolated_and_the_exit_code_says_so(tmp_path, bank,
     table = write_table(tmp_path / "cohort.csv", [row("s0", subjects["s0"]), row("bad", subjects["bad"]),
                                                   row("s1", subjects["s1"], targets="70")])
     code = main(["batch", str(table), "-o", str(tmp_path / "out"), "--workers", "2", "--threads-per-worker", "1",
-                 "--bank", str(bank), "--json"])
+                 "--bank", str(bank), "--force-input", "--json"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 8
     ends = {e["subject"]: e for e in lines if e["event"] == "subject" and e["status"] in ("ok", "failed")}
@@ -193,7 +195,7 @@ def test_resume_after_an_interrupted_run(tmp_path, bank, subjects):
                                                   row("s2", subjects["s2"])])
     out = tmp_path / "out"
     command = [sys.executable, "-m", "inbrainsyn", "batch", str(table), "-o", str(out), "--workers", "1",
-               "--threads-per-worker", "1", "--bank", str(bank), "--json"]
+               "--threads-per-worker", "1", "--bank", str(bank), "--force-input", "--json"]
     # SIGINT handled as Ctrl-C even when this test runs in a background job (which inherits it ignored)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -209,10 +211,10 @@ def test_resume_after_an_interrupted_run(tmp_path, bank, subjects):
     assert not json.loads((out / "batch_manifest.json").read_text())["complete"]
     before = (out / first / "manifest.json").stat().st_mtime_ns
 
-    assert main(["batch", str(table), "-o", str(out), "--bank", str(bank), "--quiet"]) == 2  # refused without --resume
+    assert main(["batch", str(table), "-o", str(out), "--bank", str(bank), "--force-input", "--quiet"]) == 2  # refused without --resume
 
     events = []
-    result = run_batch(table, out, common={"bank": str(bank)}, resume=True, on_event=events.append)
+    result = run_batch(table, out, common=COMMON(bank), resume=True, on_event=events.append)
     statuses = {s["subject"]: s["status"] for s in result.subjects}
     assert all(statuses[s] == "skipped" for s in finished) and all(statuses[s] == "ok" for s in statuses if s not in finished)
     assert (out / first / "manifest.json").stat().st_mtime_ns == before  # finished results untouched
@@ -222,7 +224,7 @@ def test_resume_after_an_interrupted_run(tmp_path, bank, subjects):
 
     # a damaged result is not "complete": resume redoes it (and only it)
     (out / "s1" / "report.png").unlink()
-    result = run_batch(table, out, common={"bank": str(bank)}, resume=True)
+    result = run_batch(table, out, common=COMMON(bank), resume=True)
     assert {s["subject"]: s["status"] for s in result.subjects} == {"s0": "skipped", "s1": "ok", "s2": "skipped"}
     assert manifest_problem(out / "s1") is None
 
@@ -237,7 +239,7 @@ def test_a_worker_killed_mid_task_is_retried_once(tmp_path, bank, subjects, clie
             killed["pid"] = event["pid"]
             os.kill(event["pid"], signal.SIGKILL)
 
-    result = run_batch(table, tmp_path / "out", common={"bank": str(bank)}, client=client, on_event=kill_first_start)
+    result = run_batch(table, tmp_path / "out", common=COMMON(bank), client=client, on_event=kill_first_start)
     entry = {s["subject"]: s for s in result.subjects}
     assert killed and entry["s0"]["status"] == "ok" and entry["s1"]["status"] == "ok"
     assert entry["s0"]["attempts"] == 2 and entry["s0"]["pid"] != killed["pid"]
@@ -307,7 +309,7 @@ def test_batch_on_an_existing_scheduler_whose_workers_have_no_subject_resource(t
     table = write_table(tmp_path / "cohort.csv", [row("s0", subjects["s0"]), row("s1", subjects["s1"], targets="68")])
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
         code = main(["batch", str(table), "-o", str(tmp_path / "out"), "--scheduler", cluster.scheduler_address,
-                     "--bank", str(bank), "--quiet"])
+                     "--bank", str(bank), "--force-input", "--quiet"])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((tmp_path / "out" / "batch_manifest.json").read_text())
     assert manifest["cluster"] == {"kind": "existing", "scheduler": cluster.scheduler_address}

@@ -1,11 +1,12 @@
 """``inbrainsyn batch``: every row of a cohort table through exactly the synthesize pipeline, on Dask.
 
 Each subject runs :func:`inbrainsyn.synthesis.run_synthesis` into ``DIR/<subject>/`` (the same files
-as ``inbrainsyn synthesize``, published atomically).  The whole table is checked before any work;
-a failing subject is recorded while the others go on; ``resume`` skips subjects whose results are
-complete.  A subject's folder is only ever written by the task holding its lock
-(``DIR/.inbrainsyn-batch/<subject>.lock``, an OS lock released even when a worker is killed), and a
-retried task finds a result its earlier attempt completed instead of redoing it.
+as ``inbrainsyn synthesize``, claimed exclusively and published atomically by ``io.OutputClaim``).
+The whole table is checked before any work; a failing subject is recorded while the others go on;
+``resume`` skips subjects whose results are complete.  A batch task also holds
+``DIR/.inbrainsyn-batch/<subject>.lock`` (an OS lock released even when a worker is killed) from its
+completeness check to the end of the run, so a retried task finds a result its earlier attempt
+completed instead of redoing or replacing it.
 """
 
 from __future__ import annotations
@@ -14,24 +15,17 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from inbrainsyn import io
 from inbrainsyn.batch.table import CohortRow, check_readable, read_table
-from inbrainsyn.errors import InBrainSynError, InputError
+from inbrainsyn.errors import InBrainSynError, InputError, OutputBusyError
 from inbrainsyn.parallel import ClusterOptions, Outcome, connect, map_subjects
 from inbrainsyn.synthesis import SynthesisRequest
 
 STATE_DIR = ".inbrainsyn-batch"  # locks, completion marks and attempt logs, inside DIR
-
-
-class SubjectBusyError(InBrainSynError):
-    """Another task holds this subject's output folder right now."""
-
-    exit_code = 7
 
 
 class SubjectsFailedError(InBrainSynError):
@@ -117,7 +111,7 @@ def _subject_lock(path: Path, subject: str):
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
     except OSError:
         handle.close()
-        raise SubjectBusyError(f"{subject}: another worker is writing this subject's folder right now") from None
+        raise OutputBusyError(f"{subject}: another worker is writing this subject's folder right now") from None
     try:
         yield
     finally:
@@ -141,9 +135,8 @@ def synthesize_subject(job: SubjectJob) -> dict:
         done_in_this_run = done_mark.exists() and done_mark.read_text().strip() == job.run_id
         if complete and (not job.overwrite or done_in_this_run):
             return {"manifest": str(outdir / "manifest.json"), "reused": True}
-        # a killed attempt leaves its staging folder behind; only the lock holder may remove it
-        for stale in outdir.parent.glob(f".{outdir.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        # run_synthesis claims the folder itself (io.OutputClaim): a second writer fails with
+        # OutputBusyError, and the claim removes the staging folder a killed attempt left behind
         # the affine gets no more ITK threads than the worker gives this subject (1 thread: bit-identical runs)
         request = dataclasses.replace(job.request, affine_threads=max(1, min(job.request.affine_threads, torch.get_num_threads())))
         manifest = run_synthesis(request, outdir, overwrite=job.overwrite or outdir.exists(), reporter=Reporter())

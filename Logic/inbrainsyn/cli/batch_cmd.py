@@ -27,6 +27,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--threads-per-worker", type=int, default=None, metavar="T",
                         help="threads of each local worker, used by its one subject (default: the cores the workers leave)")
     parser.add_argument("--resume", action="store_true", help="keep subjects whose results are complete; run the others")
+    parser.add_argument("--force-input", action="store_true",
+                        help="go on when a subject fails the input plausibility checks (its outputs are marked)")
     add_common_run_options(parser)
     parser.set_defaults(func=run)
 
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         log = lambda message: reporter.bar.write(message)  # noqa: E731
     options = ClusterOptions(scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
                              device=args.device)
-    common = {"bank": args.bank, "transport": args.transport, "device": args.device, "seed": args.seed}
+    common = {"bank": args.bank, "transport": args.transport, "device": args.device, "seed": args.seed,
+              "force_input": args.force_input}
     with errors_reported(reporter, args.json):
         try:
             result = run_batch(args.table, args.output, options, common, resume=args.resume, overwrite=args.overwrite,
