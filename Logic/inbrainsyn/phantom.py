@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from inbrainsyn import fields, io
-from inbrainsyn.errors import InputError
+from inbrainsyn.errors import InputError, ProcessingError
 from inbrainsyn.templates import atrophy
 from inbrainsyn.templates.bank import Bank, load_bank
 from inbrainsyn.templates.regions import argmax_labels, one_hot, summary_volumes_from_maps
@@ -268,8 +268,14 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
 
 
 def make_phantom(out_dir: str | Path, config: PhantomConfig | None = None, bank: Bank | None = None,
-                 overwrite: bool = False, log=print) -> Path:
-    """Write a synthetic longitudinal cohort to ``out_dir`` (atomically); returns its path."""
+                 overwrite: bool = False, log=print, cluster=None) -> Path:
+    """Write a synthetic longitudinal cohort to ``out_dir`` (atomically); returns its path.
+
+    ``cluster``: a :class:`inbrainsyn.parallel.ClusterOptions` (or a ``distributed.Client``) to build
+    the subjects on Dask workers (same files as in this process: every subject is deterministic for the seed).
+    """
+    from inbrainsyn import parallel
+
     config = config or PhantomConfig()
     config.validate()
     bank = bank or load_bank(None)
@@ -279,34 +285,18 @@ def make_phantom(out_dir: str | Path, config: PhantomConfig | None = None, bank:
     started = time.time()
     rows, records = [], []
     with io.staged_output_dir(out_dir, overwrite) as staging:
-        for index in range(config.subjects):
-            t0 = time.time()
-            plan, scans = make_subject(index, bank, grid, config, log)
-            folder = staging / plan["subject"]
-            for scan in scans:
-                stem = f"{plan['subject']}_scan-{scan['scan']}"
-                paths = {
-                    "path": f"{plan['subject']}/{stem}_T1w.nii.gz",
-                    "clean_path": f"{plan['subject']}/{stem}_clean.nii.gz",
-                    "labels_path": f"{plan['subject']}/{stem}_labels.nii.gz",
-                    "mask_path": f"{plan['subject']}/{stem}_mask.nii.gz",
-                }
-                _write(np.round(scan["image"]).clip(0, 32767), grid, staging / paths["path"], sitk.sitkInt16)
-                _write(np.round(scan["clean"]).clip(0, 32767), grid, staging / paths["clean_path"], sitk.sitkInt16)
-                _write(scan["labels"], grid, staging / paths["labels_path"], sitk.sitkUInt8)
-                _write(scan["mask"], grid, staging / paths["mask_path"], sitk.sitkUInt8)
-                rows.append({"subject": plan["subject"], "scan": scan["scan"], "age": f"{scan['age']:.1f}",
-                             "group": plan["group"],
-                             "transition_age": "" if plan["transition_age"] is None else f"{plan['transition_age']:.1f}",
-                             **paths})
-                plan.setdefault("scans", []).append({
-                    "scan": scan["scan"], "age": scan["age"], "min_jacobian": round(scan["min_jacobian"], 4),
-                    "volumes_ml": {k: round(v, 3) for k, v in scan["volumes_ml"].items()},
-                    "log_volume_change_goal": {k: round(v, 5) for k, v in scan["goals"].items()},
-                    "log_volume_change_achieved": {k: round(v, 5) for k, v in scan["achieved"].items()},
-                })
+        jobs = {f"sub-{index:03d}": (index, bank if cluster is None else str(bank.root), grid, config, str(staging))
+                for index in range(config.subjects)}
+        outcomes = parallel.map_subjects(_write_subject, jobs, cluster)
+        failed = [o for o in outcomes.values() if o.status != "ok"]
+        if failed:  # bad settings fail every subject alike: report them as the input error they are
+            kind = InputError if failed[0].exit_code == InputError.exit_code else ProcessingError
+            raise kind("; ".join(f"{o.key}: {o.error}" for o in failed))
+        for outcome in outcomes.values():
+            subject_rows, plan, seconds = outcome.value
+            rows.extend(subject_rows)
             records.append(plan)
-            log(f"{plan['subject']} ({plan['group']}, {plan['baseline_age']:.1f} y): {len(scans)} scans in {time.time() - t0:.1f}s")
+            log(f"{plan['subject']} ({plan['group']}, {plan['baseline_age']:.1f} y): {len(plan['scans'])} scans in {seconds:.1f}s")
         _write_csv(rows, staging / "cohort.csv")
         io.write_json({
             "tool": "inbrainsyn", "command": "phantom",
@@ -319,6 +309,39 @@ def make_phantom(out_dir: str | Path, config: PhantomConfig | None = None, bank:
             "subjects": records,
         }, staging / "phantom.json")
     return Path(out_dir)
+
+
+def _write_subject(job) -> tuple[list[dict], dict, float]:
+    """Build subject ``index`` and write its files into the staging folder (runs on a worker or here)."""
+    index, bank, grid, config, staging = job
+    t0 = time.time()
+    bank = bank if isinstance(bank, Bank) else load_bank(bank)
+    staging = Path(staging)
+    plan, scans = make_subject(index, bank, grid, config)
+    rows = []
+    for scan in scans:
+        stem = f"{plan['subject']}_scan-{scan['scan']}"
+        paths = {
+            "path": f"{plan['subject']}/{stem}_T1w.nii.gz",
+            "clean_path": f"{plan['subject']}/{stem}_clean.nii.gz",
+            "labels_path": f"{plan['subject']}/{stem}_labels.nii.gz",
+            "mask_path": f"{plan['subject']}/{stem}_mask.nii.gz",
+        }
+        _write(np.round(scan["image"]).clip(0, 32767), grid, staging / paths["path"], sitk.sitkInt16)
+        _write(np.round(scan["clean"]).clip(0, 32767), grid, staging / paths["clean_path"], sitk.sitkInt16)
+        _write(scan["labels"], grid, staging / paths["labels_path"], sitk.sitkUInt8)
+        _write(scan["mask"], grid, staging / paths["mask_path"], sitk.sitkUInt8)
+        rows.append({"subject": plan["subject"], "scan": scan["scan"], "age": f"{scan['age']:.1f}",
+                     "group": plan["group"],
+                     "transition_age": "" if plan["transition_age"] is None else f"{plan['transition_age']:.1f}",
+                     **paths})
+        plan.setdefault("scans", []).append({
+            "scan": scan["scan"], "age": scan["age"], "min_jacobian": round(scan["min_jacobian"], 4),
+            "volumes_ml": {k: round(v, 3) for k, v in scan["volumes_ml"].items()},
+            "log_volume_change_goal": {k: round(v, 5) for k, v in scan["goals"].items()},
+            "log_volume_change_achieved": {k: round(v, 5) for k, v in scan["achieved"].items()},
+        })
+    return rows, plan, time.time() - t0
 
 
 def _write(array: np.ndarray, grid: fields.Grid, path: Path, pixel_type) -> None:

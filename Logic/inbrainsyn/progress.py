@@ -161,3 +161,90 @@ def errors_reported(reporter: Reporter, as_json: bool):
             reporter.error(f"{type(exc).__name__}: {exc}", 1)
             exc.json_reported = True
         raise
+
+
+class SubjectsReporter:
+    """Progress over the subjects of a batch (silent base): counts ok / failed / skipped / running.
+
+    ``subject(event)`` takes the batch engine's per-subject events
+    (``{"subject", "status": "started"|"ok"|"failed"|"skipped", ...}``).
+    """
+
+    def __init__(self, total: int = 0) -> None:
+        self.total = total
+        self.running: set[str] = set()
+        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
+
+    def subject(self, event: dict) -> None:
+        status, name = event.get("status"), event.get("subject")
+        if status == "started":
+            self.running.add(name)
+        elif status in self.counts:
+            self.running.discard(name)
+            self.counts[status] += 1
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        return (f"{self.done}/{self.total} done: {self.counts['ok']} ok, {self.counts['failed']} failed, "
+                f"{self.counts['skipped']} skipped, {len(self.running)} running")
+
+    def result(self, manifest_path: str) -> None:
+        pass
+
+    def error(self, message: str, exit_code: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonSubjectsReporter(SubjectsReporter):
+    """Per subject ``{"event": "subject", "subject", "status", ...}`` then ``{"event": "progress", "stage": "batch"}``;
+    ``result`` / ``error`` as for one run (docs/CONTRACTS.md)."""
+
+    FIELDS = ("worker", "attempts", "seconds", "error", "exit_code", "reason")
+
+    def __init__(self, total: int = 0, stream=None) -> None:
+        super().__init__(total)
+        self.lines = JsonLinesReporter(stream)
+
+    def subject(self, event: dict) -> None:
+        super().subject(event)
+        extra = {k: event[k] for k in self.FIELDS if event.get(k) is not None}
+        self.lines._emit(event="subject", subject=event.get("subject"), status=event.get("status"), **extra)
+        self.lines.progress("batch", self.done / max(self.total, 1), self.summary())
+
+    def result(self, manifest_path: str) -> None:
+        self.lines.result(manifest_path)
+
+    def error(self, message: str, exit_code: int) -> None:
+        self.lines.error(message, exit_code)
+
+
+class TqdmSubjectsReporter(SubjectsReporter):
+    """One tqdm bar over subjects (on stderr) with the running and failed counts."""
+
+    def __init__(self, total: int = 0) -> None:
+        super().__init__(total)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="subject", file=sys.stderr, dynamic_ncols=True)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.bar.set_postfix_str(f"running {len(self.running)}, failed {self.counts['failed']}, "
+                                 f"skipped {self.counts['skipped']}", refresh=False)
+        self.bar.n = self.done
+        self.bar.refresh()
+
+    def subject(self, event: dict) -> None:
+        super().subject(event)
+        if event.get("status") == "failed":
+            self.bar.write(f"[failed] {event.get('subject')}: {event.get('error')}", file=sys.stderr)
+        self._refresh()
+
+    def close(self) -> None:
+        self.bar.close()

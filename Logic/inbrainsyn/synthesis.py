@@ -56,6 +56,7 @@ class SynthesisRequest:
     transport_coarsening: int = 2  # transport on a grid this many times coarser than the bank's
     pace: float = 50.0  # percentile of the cohort's atrophy rates (50 = typical; inbrainsyn.templates.pace)
     force_input: bool = False  # go on when input plausibility checks fail (outputs are marked)
+    affine_threads: int = 2  # ITK threads of the affine: 2 halves its time, 1 makes runs bit-identical
 
     def validate(self, age_range: tuple[float, float]) -> None:
         """Check ages and choices against the bank; raise InputError with what to do."""
@@ -84,6 +85,14 @@ class SynthesisRequest:
                     f"transition age {self.transition_age:g} must lie in [{self.age:g}, {max(self.targets):g}] "
                     "(between the baseline age and the last target)"
                 )
+
+    def validate_for(self, bank) -> None:
+        """:meth:`validate` against ``bank``'s ages (a conversion needs the age in the HC templates too)."""
+        self.validate(bank.age_range(self.cohort if self.transition_age is None else "AD"))
+        if self.transition_age is not None:
+            lo, hi = bank.age_range("HC")
+            if not (lo <= self.age <= hi):
+                raise InputError(f"age {self.age:g} is outside the HC templates' ages [{lo:g}, {hi:g}]")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,9 +169,10 @@ def register_subject(
     # The template's (dilated) brain mask restricts the metric to the brain, so skull and neck in
     # the input do not pull the alignment.
     # Two ITK threads halve the affine's time; results then differ between runs by ~1e-5 mm
-    # (ITK's threaded metric sums), far below what the SVF registration resolves.
+    # (ITK's threaded metric sums), far below what the SVF registration resolves (on the tiny
+    # test bank of test_batch.py up to 0.2 mm). affine_threads=1 makes runs bit-identical.
     transform = affine_register(
-        template, normalised, fixed_mask=dilate_mask(brain_mask, 10.0), config=AffineConfig(threads=2), seed=request.seed
+        template, normalised, fixed_mask=dilate_mask(brain_mask, 10.0), config=AffineConfig(threads=request.affine_threads), seed=request.seed
     )
     matrix, offset = affine_parts(transform)
     # a cropped scan is refused here, in seconds, before the SVF registration
@@ -279,11 +289,7 @@ def _run_claimed(request: SynthesisRequest, claim: io.OutputClaim, reporter: Rep
     from inbrainsyn.templates.regions import warped_regional_volumes_ml
 
     bank = load_bank(request.bank)
-    request.validate(bank.age_range(request.cohort if request.transition_age is None else "AD"))
-    if request.transition_age is not None:
-        lo, hi = bank.age_range("HC")
-        if not (lo <= request.age <= hi):
-            raise InputError(f"age {request.age:g} is outside the HC templates' ages [{lo:g}, {hi:g}]")
+    request.validate_for(bank)
     device = fields.resolve_device(request.device)
     torch.manual_seed(request.seed)
 

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "register_cmd",
     "transport_cmd",
     "synthesize_cmd",
+    "batch_cmd",
     "demo_cmd",
     "evaluate_cmd",
     "phantom_cmd",

@@ -24,6 +24,10 @@ def add_parser(subparsers) -> None:
                         help="follow-up intervals after baseline in years (default 2 4 6)")
     parser.add_argument("--skull", action="store_true", help="surround the brain with a synthetic skull and scalp")
     parser.add_argument("--bank", default=None, help="template bank folder with an atrophy model (default: shipped bank)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None,
+                       help="build subjects on a local Dask cluster of N worker processes (default: in this process)")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS", help="build subjects on an existing Dask cluster")
     parser.set_defaults(func=run)
 
 
@@ -33,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = PhantomConfig(subjects=args.subjects, seed=args.seed, spacing=args.spacing,
                            followup_years=tuple(args.followups), skull=args.skull)
-    out = make_phantom(args.output, config, bank=load_bank(args.bank), overwrite=args.overwrite)
+    from inbrainsyn.parallel import ClusterOptions
+
+    cluster = ClusterOptions(scheduler=args.scheduler, workers=args.workers, device="cpu") \
+        if (args.workers or args.scheduler) else None
+    out = make_phantom(args.output, config, bank=load_bank(args.bank), overwrite=args.overwrite, cluster=cluster)
     print(f"phantom written to {out} (cohort.csv, phantom.json)")
     return 0
