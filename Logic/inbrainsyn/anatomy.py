@@ -364,9 +364,15 @@ class FitRecord:
             f"registration-only volume vs the subject's own: {res}",
         ]
         if self.beyond_registration:
-            text.append("WARNING: the subject lies beyond what the registration captured (" + "; ".join(self.reasons)
-                        + "): the ageing may not land on the subject's own structures.")
+            text.append("WARNING: " + self.warning())
         return text
+
+    def warning(self) -> str:
+        """The sentence said when the subject lies beyond what the registration captured ('' otherwise)."""
+        if not self.beyond_registration:
+            return ""
+        return ("the subject lies beyond what the registration captured (" + "; ".join(self.reasons)
+                + "): the ageing may not land on the subject's own structures")
 
 
 def _similarity(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, window: int = 5) -> float:
@@ -427,3 +433,15 @@ def fit_record(fixed: torch.Tensor, template: torch.Tensor, velocity: torch.Tens
         beyond_registration=bool(reasons),
         reasons=reasons,
     )
+
+
+def record_fit(anatomy: SubjectAnatomy, fixed: torch.Tensor, template: torch.Tensor, template_labels: torch.Tensor,
+               velocity: torch.Tensor, displacement: torch.Tensor, spacing_zyx, scale: float = 1.0) -> FitRecord:
+    """:func:`fit_record` of the run's registration ``template o exp(v) ~ fixed``, against the subject's own
+    regions ``anatomy``; ``template_labels`` ``(Z, Y, X)`` are the run's template labels (carried by ``v`` for the
+    registration-only volumes); ``scale`` = ``|det A|`` (bank mm^3 -> input mm^3)."""
+    carried = registered_label_maps(template_labels, anatomy.values, displacement)
+    registered = {k: v * scale for k, v in
+                  summary_volumes_from_maps(carried, anatomy.values, anatomy.label_names, anatomy.voxel_ml).items()}
+    return fit_record(fixed, template, velocity, displacement, anatomy.maps.sum(0), spacing_zyx, registered,
+                      anatomy.volumes_ml(None, scale))

@@ -43,8 +43,11 @@ def _orthogonal_slices(image: sitk.Image, centre_mm=None):
     return (axial, coronal, sagittal), aspects
 
 
-def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: Path, title: str = "") -> Path:
-    """Baseline and targets side by side in three planes, difference and atrophy overlays, volume curves."""
+def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: Path, title: str = "",
+                 notes: list[str] | None = None) -> Path:
+    """Baseline and targets side by side in three planes, difference and atrophy overlays, volume curves;
+    ``notes``: lines printed under the figure (the template-to-subject fit; a line starting with
+    WARNING is shown in red)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +110,7 @@ def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: P
             ax.set_yticks([])
             ax.set_title("volume ratio (coronal)", fontsize=8)
     if synthetic:
-        cbar_ax = fig.add_axes([0.03, 0.05, 0.12, 0.01])
+        cbar_ax = fig.add_axes([0.03, 0.05 + 0.014 * len(notes or []), 0.12, 0.01])
         fig.colorbar(shown, cax=cbar_ax, orientation="horizontal", label="future / baseline volume")
 
     ages = [row["age"] for row in volumes]
@@ -123,7 +126,11 @@ def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: P
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title + "\nSynthetic images: a model-based prediction, not a diagnosis.", fontsize=10)
-    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.08, top=0.92, wspace=0.15, hspace=0.25)
+    notes = list(notes or [])
+    for k, line in enumerate(reversed(notes)):
+        fig.text(0.01, 0.004 + 0.014 * k, line, fontsize=7, ha="left", va="bottom",
+                 color="red" if line.startswith("WARNING") else "0.2", wrap=True)
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.08 + 0.014 * len(notes), top=0.92, wspace=0.15, hspace=0.25)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=90, format="png")
