@@ -71,6 +71,11 @@ REFERENCE_COHORT = "HC"
 # is one the registration did not capture (calibrated in docs/anatomy.md).
 CAPTURE_LIMITS = {"ventricles": 0.20, "hippocampus": 0.20, "amygdala": 0.25}
 MIN_CAPTURE_SIMILARITY = 0.30  # mean squared LNCC after registration below this: poor fit
+# A structure whose local similarity after registration (LNCC^2 around it) falls below this fraction
+# of the whole brain's was not matched: e.g. a hippocampus much smaller than the template's, which the
+# tissue classes cannot reveal because neighbouring grey matter fills the space (docs/anatomy.md).
+MIN_REGIONAL_SIMILARITY_RATIO = 0.90
+REGIONAL_FIT = {"ventricles": "lateral_ventricles", "hippocampus": "hippocampus", "amygdala": "amygdala"}
 
 
 @dataclass
@@ -79,10 +84,11 @@ class AnatomyConfig:
 
     use_intensities: bool = True  # False: registered labels only (the previous behaviour, for comparison)
     relative: bool = True  # refine by the subject's tissue minus the registered template's (step 4b)
-    prior_sigma_mm: float = 2.0  # smoothing of the registered tissue maps (residual misregistration)
+    prior_sigma_mm: float = 3.0  # smoothing of the registered tissue maps (residual misregistration)
     prior_floor: float = 0.05  # prior mass spread evenly over the tissues inside the intracranial volume
     bias_sigma_mm: float = 30.0  # smoothness of the multiplicative bias field
     mrf_beta: float = 1.0  # weight of the mean-field Potts term (fraction of neighbours agreeing)
+    partial_volume_weight: float = 0.0  # prior weight of a CSF/WM partial-volume class (0: none; docs/anatomy.md)
     em_iterations: int = 12
     full_mrf_iterations: int = 2
     min_sigma: float = 0.01  # floor of the class standard deviations (normalised intensity)
@@ -144,20 +150,48 @@ def _neighbour_mean(q: torch.Tensor) -> torch.Tensor:
     return (total * 27.0 - q) / 26.0
 
 
-def _log_likelihood(y: torch.Tensor, means, sigmas, log_flat: float) -> torch.Tensor:
+def _log_likelihood(y: torch.Tensor, means, sigmas, log_flat: float, partial_volume: bool) -> torch.Tensor:
+    """``(4 or 5, Z, Y, X)``: other (flat), CSF, GM, WM and optionally the CSF/WM partial-volume class."""
+    means, sigmas = list(means), list(sigmas)
+    if partial_volume:  # a voxel half CSF half WM (+- 25 %): mean midway, spread of the uniform mixing
+        means.append(0.5 * (means[0] + means[2]))
+        sigmas.append(math.sqrt(0.25 * (sigmas[0] ** 2 + sigmas[2] ** 2) + (means[2] - means[0]) ** 2 / 48.0))
     rows = [torch.full_like(y, log_flat)]
     for mu, sd in zip(means, sigmas):
         rows.append(-0.5 * ((y - mu) / sd) ** 2 - math.log(sd * math.sqrt(2.0 * math.pi)))
     return torch.stack(rows)
 
 
+def _fold(q: torch.Tensor) -> torch.Tensor:
+    """Pure posteriors ``(4 or 5, ...)`` -> tissue fractions ``(4, ...)``: a CSF/WM voxel is half of each."""
+    if q.shape[0] == 4:
+        return q
+    out = q[:4].clone()
+    out[1] += 0.5 * q[4]
+    out[3] += 0.5 * q[4]
+    return out
+
+
 def _e_step(y, log_prior, means, sigmas, log_flat, beta, mrf_iterations, start=None):
-    """Posteriors ``(4, Z, Y, X)``: prior x likelihood, then ``mrf_iterations`` mean-field Potts sweeps."""
-    base = log_prior + _log_likelihood(y, means, sigmas, log_flat)
+    """Pure-class posteriors ``(K, Z, Y, X)`` (``K`` = rows of ``log_prior``): prior x likelihood, then
+    ``mrf_iterations`` mean-field Potts sweeps on the tissue fractions."""
+    base = log_prior + _log_likelihood(y, means, sigmas, log_flat, log_prior.shape[0] == 5)
     q = torch.softmax(base, 0) if start is None else start
     for _ in range(mrf_iterations):
-        q = torch.softmax(base + beta * _neighbour_mean(q), 0)
+        neighbours = _neighbour_mean(_fold(q))
+        if q.shape[0] == 5:
+            neighbours = torch.cat([neighbours, 0.5 * (neighbours[1:2] + neighbours[3:4])])
+        q = torch.softmax(base + beta * neighbours, 0)
     return q
+
+
+def _with_partial_volume(priors: torch.Tensor, weight: float) -> torch.Tensor:
+    """Append the CSF/WM partial-volume prior ``weight * sqrt(P_csf P_wm)`` (only where both are plausible)."""
+    if weight <= 0:
+        return priors
+    pv = weight * torch.sqrt(priors[1] * priors[3])
+    out = torch.cat([priors, pv[None]])
+    return out / out.sum(0, keepdim=True).clamp_min(1e-6)
 
 
 def _bias(y: np.ndarray, q: np.ndarray, means, sigmas, sigma_mm: float, spacing_zyx) -> np.ndarray:
@@ -169,7 +203,7 @@ def _bias(y: np.ndarray, q: np.ndarray, means, sigmas, sigma_mm: float, spacing_
         den += w * mu * mu
     num, den = _gauss(num, sigma_mm, spacing_zyx), _gauss(den, sigma_mm, spacing_zyx)
     scale = np.where(den > 1e-6 * den.max(), num / np.maximum(den, 1e-12), 1.0)
-    brain = q[1:].sum(0)
+    brain = q[1:4].sum(0)
     return scale / max(float((scale * brain).sum() / max(brain.sum(), 1e-6)), 1e-6)
 
 
@@ -182,6 +216,7 @@ def classify_tissues(image: torch.Tensor, priors: torch.Tensor, spacing_zyx, con
     config = config or AnatomyConfig()
     y_full = image.float().clamp_min(0.0)
     y = F.avg_pool3d(y_full[None, None], 2, ceil_mode=False)[0, 0] if min(y_full.shape) >= 8 else y_full
+    priors = _with_partial_volume(priors, config.partial_volume_weight)
     p = F.avg_pool3d(priors[None], 2)[0] if y is not y_full else priors
     coarse_spacing = tuple(2.0 * s for s in spacing_zyx) if y is not y_full else tuple(spacing_zyx)
     log_prior = torch.log(p.clamp_min(1e-6))
@@ -211,8 +246,8 @@ def classify_tissues(image: torch.Tensor, priors: torch.Tensor, spacing_zyx, con
     if y is not y_full:
         bias_full = F.interpolate(bias_full[None, None], size=tuple(y_full.shape), mode="trilinear", align_corners=False)[0, 0]
     corrected = y_full / bias_full.clamp_min(0.2)
-    posteriors = _e_step(corrected, torch.log(priors.clamp_min(1e-6)), means, sigmas, log_flat, config.mrf_beta,
-                         config.full_mrf_iterations)
+    posteriors = _fold(_e_step(corrected, torch.log(priors.clamp_min(1e-6)), means, sigmas, log_flat, config.mrf_beta,
+                               config.full_mrf_iterations))
     return TissueClassification(posteriors=posteriors, means=means, sigmas=sigmas, bias=bias_full,
                                 iterations=config.em_iterations)
 
@@ -341,6 +376,7 @@ class FitRecord:
     registered_volumes_ml: dict
     subject_volumes_ml: dict
     residual: dict  # registered / subject - 1 per region
+    regional_similarity_ratio: dict  # LNCC^2 around each structure / LNCC^2 over the brain, after registration
     limits: dict
     beyond_registration: bool
     reasons: list = field(default_factory=list)
@@ -357,11 +393,12 @@ class FitRecord:
     def lines(self) -> list[str]:
         """Plain-text summary for the report."""
         res = ", ".join(f"{k} {100 * v:+.0f}%" for k, v in self.residual.items())
+        local = ", ".join(f"{k} {v:.2f}" for k, v in self.regional_similarity_ratio.items())
         text = [
             f"template-to-subject fit: LNCC^2 {self.similarity_before:.2f} -> {self.similarity_after:.2f}; "
             f"folded voxels {100 * self.folded_fraction:.3f}%; |v| max {self.velocity_max_mm:.1f} mm "
             f"(95th pct {self.velocity_p95_mm:.1f}); log-Jacobian SD {self.log_jacobian_sd:.2f}",
-            f"registration-only volume vs the subject's own: {res}",
+            f"registration-only volume vs the subject's own: {res}; local/brain similarity: {local}",
         ]
         if self.beyond_registration:
             text.append("WARNING: " + self.warning())
@@ -375,23 +412,36 @@ class FitRecord:
                 + "): the ageing may not land on the subject's own structures")
 
 
-def _similarity(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, window: int = 5) -> float:
-    from inbrainsyn.registration.similarity import lncc_map, weighted_mean
+def _similarity_map(fixed: torch.Tensor, moving: torch.Tensor, window: int = 5) -> torch.Tensor:
+    from inbrainsyn.registration.similarity import lncc_map
 
-    return float(weighted_mean(lncc_map(fixed.float(), moving.float(), window), mask.float()))
+    return lncc_map(fixed.float(), moving.float(), window)
+
+
+def _weighted(values: torch.Tensor, weights: torch.Tensor) -> float:
+    return float((values * weights).sum() / weights.sum().clamp_min(1e-6))
 
 
 def fit_record(fixed: torch.Tensor, template: torch.Tensor, velocity: torch.Tensor, displacement: torch.Tensor,
-               brain: torch.Tensor, spacing_zyx, registered_volumes: dict, subject_volumes: dict) -> FitRecord:
+               brain: torch.Tensor, spacing_zyx, registered_volumes: dict, subject_volumes: dict,
+               structures: dict | None = None) -> FitRecord:
     """Measure the fit of ``template o exp(v) ~ fixed`` (all ``(Z, Y, X)`` / ``(3, Z, Y, X)`` on one grid).
 
     brain: ``(Z, Y, X)`` the subject's brain (weights of the similarity and of the field statistics);
     registered_volumes: regional volumes of the run's template labels carried by ``v``;
-    subject_volumes: the subject's own (:meth:`SubjectAnatomy.volumes_ml`).
+    subject_volumes: the subject's own (:meth:`SubjectAnatomy.volumes_ml`);
+    structures: ``{region: (Z, Y, X) map}`` the registered template's structures, for the local similarity
+    (weights: the map smoothed by a 3 mm Gaussian, so the structure's border counts).
     """
     inside = brain > 0.5
-    before = _similarity(fixed, template, brain)
-    after = _similarity(fixed, fields.warp(template.float(), displacement.float()), brain)
+    before = _weighted(_similarity_map(fixed, template), brain.float())
+    similarity = _similarity_map(fixed, fields.warp(template.float(), displacement.float()))
+    after = _weighted(similarity, brain.float())
+    local = {}
+    for region, region_map in (structures or {}).items():
+        zone = torch.from_numpy(_gauss(region_map.float().numpy(), 3.0, spacing_zyx))
+        if float(zone.sum()) > 1.0 and after > 0:
+            local[region] = _weighted(similarity, zone) / after
     spacing = torch.tensor([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0]], dtype=torch.float32).view(3, 1, 1, 1)
     v_mm = torch.sqrt(((velocity.float() * spacing) ** 2).sum(0))[inside]
     d_mm = torch.sqrt(((displacement.float() * spacing) ** 2).sum(0))[inside]
@@ -409,6 +459,9 @@ def fit_record(fixed: torch.Tensor, template: torch.Tensor, velocity: torch.Tens
         if region in residual and abs(residual[region]) > limit:
             reasons.append(f"{region}: registration reaches {registered_volumes[region]:.1f} mL of the subject's "
                            f"{subject_volumes[region]:.1f} mL ({100 * residual[region]:+.0f}%, limit {100 * limit:.0f}%)")
+    for region, ratio in local.items():
+        if ratio < MIN_REGIONAL_SIMILARITY_RATIO:
+            reasons.append(f"{region}: local similarity {ratio:.2f} of the brain's (limit {MIN_REGIONAL_SIMILARITY_RATIO})")
     if after < MIN_CAPTURE_SIMILARITY:
         reasons.append(f"similarity after registration {after:.2f} < {MIN_CAPTURE_SIMILARITY}")
     if folded > 0:
@@ -429,7 +482,9 @@ def fit_record(fixed: torch.Tensor, template: torch.Tensor, velocity: torch.Tens
         registered_volumes_ml=dict(registered_volumes),
         subject_volumes_ml=dict(subject_volumes),
         residual=residual,
-        limits={**{f"{k}_residual": v for k, v in CAPTURE_LIMITS.items()}, "min_similarity_after": MIN_CAPTURE_SIMILARITY},
+        regional_similarity_ratio=local,
+        limits={**{f"{k}_residual": v for k, v in CAPTURE_LIMITS.items()}, "min_similarity_after": MIN_CAPTURE_SIMILARITY,
+                "min_regional_similarity_ratio": MIN_REGIONAL_SIMILARITY_RATIO},
         beyond_registration=bool(reasons),
         reasons=reasons,
     )
@@ -443,5 +498,7 @@ def record_fit(anatomy: SubjectAnatomy, fixed: torch.Tensor, template: torch.Ten
     carried = registered_label_maps(template_labels, anatomy.values, displacement)
     registered = {k: v * scale for k, v in
                   summary_volumes_from_maps(carried, anatomy.values, anatomy.label_names, anatomy.voxel_ml).items()}
+    names = {anatomy.label_names[v]: i for i, v in enumerate(anatomy.values)}
+    structures = {region: carried[names[label]] for region, label in REGIONAL_FIT.items() if label in names}
     return fit_record(fixed, template, velocity, displacement, anatomy.maps.sum(0), spacing_zyx, registered,
-                      anatomy.volumes_ml(None, scale))
+                      anatomy.volumes_ml(None, scale), structures)
