@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import SimpleITK as sitk
 
 from inbrainsyn.io import atomic_path
 
+NOTE_STEP = 0.012  # figure fraction per line of notes
 REGIONS = ("ventricles", "hippocampus", "amygdala", "gm", "wm", "whole_brain")
 
 
@@ -43,8 +45,11 @@ def _orthogonal_slices(image: sitk.Image, centre_mm=None):
     return (axial, coronal, sagittal), aspects
 
 
-def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: Path, title: str = "") -> Path:
-    """Baseline and targets side by side in three planes, difference and atrophy overlays, volume curves."""
+def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: Path, title: str = "",
+                 notes: list[str] | None = None) -> Path:
+    """Baseline and targets side by side in three planes, difference and atrophy overlays, volume curves;
+    ``notes``: lines printed under the figure (the template-to-subject fit; a line starting with
+    WARNING is shown in red)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +76,10 @@ def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: P
     vmax = float(np.percentile(sitk.GetArrayViewFromImage(base_img), 99.5))
 
     columns = 1 + len(synthetic)
-    fig = plt.figure(figsize=(3.0 * columns + 3.5, 12.5))
+    width = 3.0 * columns + 3.5
+    note_lines = [(part, "red" if line.startswith("WARNING") else "0.2")
+                  for line in (notes or []) for part in textwrap.wrap(line, int(width * 17))]
+    fig = plt.figure(figsize=(width, 12.5))
     grid = fig.add_gridspec(5, columns + 1, width_ratios=[1] * columns + [1.3])
     plane_names = ("axial", "coronal", "sagittal")
     for col, item in enumerate([baseline] + synthetic):
@@ -107,7 +115,7 @@ def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: P
             ax.set_yticks([])
             ax.set_title("volume ratio (coronal)", fontsize=8)
     if synthetic:
-        cbar_ax = fig.add_axes([0.03, 0.05, 0.12, 0.01])
+        cbar_ax = fig.add_axes([0.03, 0.05 + NOTE_STEP * len(note_lines), 0.12, 0.01])
         fig.colorbar(shown, cax=cbar_ax, orientation="horizontal", label="future / baseline volume")
 
     ages = [row["age"] for row in volumes]
@@ -123,7 +131,9 @@ def write_report(folder: Path, outputs: list[dict], volumes: list[dict], path: P
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title + "\nSynthetic images: a model-based prediction, not a diagnosis.", fontsize=10)
-    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.08, top=0.92, wspace=0.15, hspace=0.25)
+    for k, (line, colour) in enumerate(reversed(note_lines)):
+        fig.text(0.01, 0.004 + NOTE_STEP * k, line, fontsize=7, ha="left", va="bottom", color=colour)
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.08 + NOTE_STEP * len(note_lines), top=0.92, wspace=0.15, hspace=0.25)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=90, format="png")

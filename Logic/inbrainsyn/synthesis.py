@@ -10,8 +10,12 @@ Pipeline (InBrainSyn, Fu et al. 2025, with our registration and transport):
 5. for each target age: the cohort's ageing SVF ``u`` (``T(age) o exp(u) ~ T(target)``, HC then AD
    after a transition) transported along ``v``: ``w = transport(u, v)``;
 6. ONE composed map on the input's own grid, ``phi = A o exp(w) o A^-1``, and the input warped once by
-   it (B-spline, so the image stays sharp); labels by ``A o exp(v) o exp(w) o A^-1`` (nearest);
-   the atrophy map is the local volume ratio future/baseline, ``det D phi^-1``.
+   it (B-spline, so the image stays sharp); the atrophy map is the local volume ratio future/baseline,
+   ``det D phi^-1``;
+7. the subject's own regions (:mod:`inbrainsyn.anatomy`, cohort-independent: the HC template
+   registered to the subject, refined by a tissue classification of the subject) give the baseline
+   labels and volumes; future labels and volumes are those maps carried by ``exp(w)`` (nearest /
+   partial volumes), and the template-to-subject fit is recorded (manifest, report, warning).
 
 All outputs lie on the input's grid and geometry, so they overlay the input exactly.
 """
@@ -138,6 +142,7 @@ class SubjectInTemplateSpace:
     displacement: torch.Tensor  # exp(v)
     similarity: float
     folding_fraction: float
+    support: torch.Tensor | None = None  # registration mask (the template's dilated brain mask), (Z, Y, X)
 
 
 @dataclass
@@ -160,9 +165,12 @@ def register_subject(
     reporter: Reporter,
 ) -> SubjectInTemplateSpace:
     """Affine then SVF registration of the bank template at the subject's age onto the subject."""
-    from inbrainsyn.registration import AffineConfig, affine_register, register_svf
+    from inbrainsyn.anatomy import reference_cohort
+    from inbrainsyn.registration import AffineConfig, affine_register
 
     template = bank.template(request.cohort, request.age)
+    # the affine aligns to the cohort-independent reference, so the subject's own volumes do not depend on the cohort
+    reference = bank.template(reference_cohort(bank.cohorts), request.age)
     brain_mask = bank.mask
     reporter.progress("affine", 0.10, "affine alignment to the template")
     normalised = normalise_intensity(subject)
@@ -172,7 +180,8 @@ def register_subject(
     # (ITK's threaded metric sums), far below what the SVF registration resolves (on the tiny
     # test bank of test_batch.py up to 0.2 mm). affine_threads=1 makes runs bit-identical.
     transform = affine_register(
-        template, normalised, fixed_mask=dilate_mask(brain_mask, 10.0), config=AffineConfig(threads=request.affine_threads), seed=request.seed
+        reference, normalised, fixed_mask=dilate_mask(brain_mask, 10.0), config=AffineConfig(threads=request.affine_threads),
+        seed=request.seed
     )
     matrix, offset = affine_parts(transform)
     # a cropped scan is refused here, in seconds, before the SVF registration
@@ -194,9 +203,7 @@ def register_subject(
     def on_progress(fraction, message=""):
         reporter.progress("registration", 0.20 + 0.35 * float(fraction), message or "registering")
 
-    result = register_svf(
-        fixed, moving, spacing=grid.spacing, mask=support, device=device, seed=request.seed, progress=on_progress
-    )
+    result = template_to_subject_svf(fixed, moving, support, grid, request, device, on_progress)
     return SubjectInTemplateSpace(
         affine_matrix=matrix,
         affine_offset=offset,
@@ -205,7 +212,42 @@ def register_subject(
         displacement=result.displacement.detach().cpu(),
         similarity=float(result.similarity),
         folding_fraction=float(result.folding_fraction),
+        support=support,
     )
+
+
+def template_to_subject_svf(fixed, moving, support, grid, request: SynthesisRequest, device, progress=None):
+    """The template-to-subject SVF registration: one place, so every template is registered alike."""
+    from inbrainsyn.registration import register_svf
+
+    return register_svf(fixed, moving, spacing=grid.spacing, mask=support, device=device, seed=request.seed, progress=progress)
+
+
+def subject_anatomy(registered: SubjectInTemplateSpace, request: SynthesisRequest, bank, device, reporter: Reporter):
+    """The subject's own baseline regions (:mod:`inbrainsyn.anatomy`), independent of the cohort: the
+    reference (HC) template at the subject's age registered to the subject -- the run's own
+    registration in HC runs, one more registration otherwise -- refined by the subject's intensities."""
+    from inbrainsyn import anatomy
+
+    reference = anatomy.reference_cohort(bank.cohorts)
+    displacement = registered.displacement
+    if reference != request.cohort:
+        reporter.progress("anatomy", 0.56, f"registering the {reference} template for the subject's own volumes")
+        displacement = template_to_subject_svf(registered.image, bank.template_tensor(reference, request.age),
+                                               registered.support, bank.grid, request, device).displacement
+    reporter.progress("anatomy", 0.57, "the subject's own regions (tissue classification)")
+    return anatomy.subject_anatomy(registered.image, bank.labels_tensor(reference, request.age), displacement,
+                                   bank.label_names, bank.spacing_zyx,
+                                   reference_image=bank.template_tensor(reference, request.age))
+
+
+def _warn(reporter: Reporter, message: str) -> None:
+    """A warning for the user: the reporter's stream (JSON event / stderr bar), stderr when silent."""
+    import sys
+
+    reporter.log(message, level="warning")
+    if type(reporter) is Reporter:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def cohort_ageing_svf(bank, cohort: str, age: float, target: float, transition_age: float | None) -> torch.Tensor:
@@ -284,9 +326,9 @@ def _run_claimed(request: SynthesisRequest, claim: io.OutputClaim, reporter: Rep
     reporter.progress("read", 0.0, "reading the input")
     subject = io.read_image(request.input_path, name=str(request.input_path))
 
+    from inbrainsyn import anatomy
     from inbrainsyn import report as report_mod
     from inbrainsyn.templates import load_bank
-    from inbrainsyn.templates.regions import warped_regional_volumes_ml
 
     bank = load_bank(request.bank)
     request.validate_for(bank)
@@ -294,14 +336,21 @@ def _run_claimed(request: SynthesisRequest, claim: io.OutputClaim, reporter: Rep
     torch.manual_seed(request.seed)
 
     registered = register_subject(subject, request, bank, device, reporter)
-    labels_t = bank.labels_tensor(request.cohort, request.age).float()  # template labels at the baseline age
-    checks = plausibility.enforce(plausibility.check_registered(subject, registered, bank, labels_t),
+    template_labels = bank.labels_tensor(request.cohort, request.age).float()  # template labels at the baseline age
+    checks = plausibility.enforce(plausibility.check_registered(subject, registered, bank, template_labels),
                                   request.force_input, reporter)
+    own = subject_anatomy(registered, request, bank, device, reporter)  # the subject's own regions (bank grid)
+    native_scale = abs(float(np.linalg.det(registered.affine_matrix)))  # template mm^3 -> input mm^3
+    fit = anatomy.record_fit(own, registered.image, bank.template_tensor(request.cohort, request.age),
+                             template_labels, registered.velocity, registered.displacement, bank.spacing_zyx, native_scale)
+    if fit.beyond_registration:
+        _warn(reporter, fit.warning())
     reporter.progress("transport", 0.58, f"transporting the {request.cohort} ageing ({request.transport})")
     targets = transported_ageing(registered, request, bank, device)
 
     native_grid = fields.Grid.from_sitk(subject)
     mapper = NativeMapper(native_grid, bank.grid, registered.affine_matrix, registered.affine_offset, device)
+    labels_t = own.hard_labels().float()  # the subject's own baseline labels (bank grid, subject space)
     mask_t = fields.image_to_tensor(bank.mask)
     label_names = bank.label_names
     cohort_of = lambda age: (  # noqa: E731 - the cohort shown for an age: AD after a conversion
@@ -314,22 +363,19 @@ def _run_claimed(request: SynthesisRequest, claim: io.OutputClaim, reporter: Rep
         reporter.progress("outputs", 0.70, "writing the baseline")
         io.write_image(subject, stage / "baseline.nii.gz")
         outputs.append({"kind": "baseline", "age": request.age, "cohort": request.cohort, "path": "baseline.nii.gz"})
-        baseline_labels = _image_like(mapper.pull_template(labels_t, registered.displacement), subject, sitk.sitkInt16)
+        baseline_labels = _image_like(mapper.pull_template(labels_t, None), subject, sitk.sitkInt16)
         brain_mask = _image_like(mapper.pull_template(mask_t, registered.displacement) > 0.5, subject, sitk.sitkUInt8)
         io.write_image(baseline_labels, stage / f"labels_{age_tag(request.age)}.nii.gz")
         io.write_image(brain_mask, stage / "brain_mask.nii.gz")
         outputs.append({"kind": "labels", "age": request.age, "cohort": request.cohort, "path": f"labels_{age_tag(request.age)}.nii.gz"})
         outputs.append({"kind": "mask", "age": request.age, "cohort": request.cohort, "path": "brain_mask.nii.gz"})
-        labels_image = fields.tensor_to_image(labels_t, bank.grid, sitk.sitkInt16)
-        native_scale = abs(float(np.linalg.det(registered.affine_matrix)))  # template mm^3 -> input mm^3
 
         def volumes_at(age, cohort, template_displacement):
-            """Regional volumes (mL) of the subject: one-hot maps warped trilinearly in template space
-            (partial volumes; counting a nearest-neighbour label map misses sub-voxel change)."""
-            in_template = warped_regional_volumes_ml(labels_image, template_displacement, label_names)
-            return {"age": age, "cohort": cohort, **{k: v * native_scale for k, v in in_template.items()}}
+            """Regional volumes (mL): the subject's own partial-volume maps, carried by the synthesis
+            deformation for a target age (so the synthetic image and its volumes agree)."""
+            return {"age": age, "cohort": cohort, **own.volumes_ml(template_displacement, native_scale)}
 
-        volumes.append(volumes_at(request.age, request.cohort, registered.displacement))
+        volumes.append(volumes_at(request.age, request.cohort, None))
 
         subject_array = sitk.GetArrayViewFromImage(subject)
         low, high = float(subject_array.min()), float(subject_array.max())
@@ -342,18 +388,18 @@ def _run_claimed(request: SynthesisRequest, claim: io.OutputClaim, reporter: Rep
             synthetic, difference = _image_like(warped, subject), _image_like(warped - subject_array, subject)
             inverse = fields.accurate_exp(-target.velocity)
             jacobian = _image_like(mapper.pull_template(fields.jacobian_determinant(inverse), None, "bilinear", fill=1.0), subject)
-            label_disp = fields.compose(registered.displacement, target.displacement)  # exp(v) o exp(w)
-            labels = _image_like(mapper.pull_template(labels_t, label_disp), subject, sitk.sitkInt16)
+            labels = _image_like(mapper.pull_template(labels_t, target.displacement), subject, sitk.sitkInt16)
             for kind, image in (("synthetic", synthetic), ("difference", difference), ("jacobian", jacobian), ("labels", labels)):
                 name = f"{kind}_{tag}.nii.gz"
                 io.write_image(image, stage / name)
                 outputs.append({"kind": kind, "age": target.age, "cohort": cohort, "path": name})
-            volumes.append(volumes_at(target.age, cohort, label_disp))
+            volumes.append(volumes_at(target.age, cohort, target.displacement))
 
         reporter.progress("report", 0.95, "volumes and report")
         report_mod.write_volumes_csv(volumes, stage / "volumes.csv")
         outputs.append({"kind": "volumes", "path": "volumes.csv"})
-        report_mod.write_report(stage, outputs, volumes, stage / "report.png", title=_title(request) + plausibility.report_note(checks, request.force_input))
+        report_mod.write_report(stage, outputs, volumes, stage / "report.png",
+                                title=_title(request) + plausibility.report_note(checks, request.force_input), notes=fit.lines())
         outputs.append({"kind": "report", "path": "report.png"})
         timings = reporter.finish()
         manifest = {
@@ -376,6 +422,9 @@ def _run_claimed(request: SynthesisRequest, claim: io.OutputClaim, reporter: Rep
                 "template_to_subject_folding_fraction": registered.folding_fraction,
                 "affine_matrix": registered.affine_matrix.tolist(),
                 "affine_offset": registered.affine_offset.tolist(),
+                "template_to_subject_fit": fit.to_json(),
+                "beyond_registration": fit.beyond_registration,
+                "subject_anatomy": {**own.summary(), "reference_cohort": anatomy.reference_cohort(bank.cohorts)},
             },
             "input_checks": plausibility.manifest_entry(checks, request.force_input),
             "timings_s": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 3)},
