@@ -28,7 +28,13 @@ def make_small_bank(folder: Path, spacing: float = 4.0) -> Path:
     source = default_bank_path()
     folder.mkdir(parents=True, exist_ok=True)
     data = json.loads((source / "bank.json").read_text())
+    # Stored SVFs (template-to-template and ageing) live on their own grids, which a resampled bank
+    # would no longer match: the small bank takes its ageing from the bank's atrophy model instead
+    # (solved at run time, cheap at this spacing).
+    stored = {entry["file"] for key in ("svfs", "ageing_svfs") for entry in data.pop(key, [])}
     for path in source.glob("*.nii.gz"):
+        if path.name in stored:
+            continue
         is_label = path.name.endswith("_labels.nii.gz") or path.name in ("labels.nii.gz", "mask.nii.gz")
         image = sitk.ReadImage(str(path))
         small = resample_to(image, spacing, sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear)

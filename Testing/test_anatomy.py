@@ -155,11 +155,6 @@ def coarse_bank(tmp_path_factory):
     from inbrainsyn.templates import load_bank
 
     root = make_small_bank(tmp_path_factory.mktemp("bank4mm") / "bank", COARSE_MM)
-    # the stored ageing SVFs live on their own grid: ageing from the bank's atrophy model instead
-    data = json.loads((root / "bank.json").read_text())
-    for key in ("svfs", "ageing_svfs"):
-        data.pop(key, None)
-    (root / "bank.json").write_text(json.dumps(data))
     return root, load_bank(root)
 
 

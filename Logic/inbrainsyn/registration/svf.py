@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,10 @@ class SVFRegistrationConfig:
     similarity: str = "lncc"  # "lncc" (same modality, robust to intensity changes) or "mse"
     window: int = 5  # LNCC window (voxels of each level)
     levels: tuple[int, ...] = (4, 2, 1)  # image shrink factor of each level
-    iterations: tuple[int, ...] = (200, 200, 20)  # largest number of iterations per level
+    # largest number of iterations per level; the coarsest (4x) level is capped at 60: on the demo
+    # subject (1 mm with skull) 200 coarse iterations never plateaued and folded 0.005 % of voxels,
+    # 60 gave a higher final similarity (0.571 vs 0.562) with no folding, in less time
+    iterations: tuple[int, ...] = (60, 200, 20)
     control_factors: tuple[int, ...] = (1, 2, 2)  # control grid = level grid shrunk by this
     step: float = 0.5  # largest update per iteration, control voxels
     final_step_fraction: float = 0.3  # the step is halved on each plateau down to step * this
@@ -86,6 +89,10 @@ class SVFRegistrationConfig:
     crop_margin_mm: float = 12.0  # margin around the mask / foreground bounding box
     min_level_spacing_mm: float = 0.0  # skip levels finer than this (e.g. 2.0: stop at 2 mm, faster)
     num_threads: int | None = None  # torch CPU threads (None: leave torch's setting)
+    # never fold: when the result has any voxel with det <= 0, register again with diffusion_sigma
+    # multiplied by fold_smoothing_factor, at most fold_retries times (the result records how many)
+    fold_retries: int = 2
+    fold_smoothing_factor: float = 1.5
 
     def validate(self) -> None:
         if self.similarity not in SIMILARITIES:
@@ -98,6 +105,8 @@ class SVFRegistrationConfig:
             raise ValueError(f"window must be an odd number of voxels, got {self.window}")
         if self.bch_order not in (1, 2):
             raise ValueError("bch_order must be 1 or 2")
+        if int(self.fold_retries) < 0 or self.fold_smoothing_factor <= 1.0:
+            raise ValueError("fold_retries must be >= 0 and fold_smoothing_factor > 1")
 
 
 @dataclass
@@ -119,6 +128,7 @@ class SVFRegistrationResult:
     config: dict = field(default_factory=dict)
     box: dict = field(default_factory=dict)  # the registered region: start (z, y, x), size
     timings_s: dict = field(default_factory=dict)  # wall seconds per phase
+    fold_retries: int = 0  # registrations redone with more smoothing because the first folded
     grid: fields.Grid | None = None  # the fixed image's geometry (set by register_images)
 
 
@@ -427,7 +437,15 @@ def register_svf(
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
     try:
-        return _register(fixed, moving, spacing, mask, config, device, seed, progress, started)
+        result = _register(fixed, moving, spacing, mask, config, device, seed, progress, started)
+        retried = config
+        for retry in range(int(config.fold_retries)):
+            if result.folding_fraction == 0.0:
+                break
+            retried = replace(retried, diffusion_sigma=retried.diffusion_sigma * config.fold_smoothing_factor)
+            result = _register(fixed, moving, spacing, mask, retried, device, seed, progress, started)
+            result.fold_retries = retry + 1
+        return result
     finally:
         torch.set_num_threads(previous_threads)
 
