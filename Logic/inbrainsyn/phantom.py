@@ -67,7 +67,7 @@ from inbrainsyn import fields, io
 from inbrainsyn.errors import InputError
 from inbrainsyn.templates import atrophy
 from inbrainsyn.templates.bank import Bank, load_bank
-from inbrainsyn.templates.regions import argmax_labels, one_hot, summary_volumes_from_maps
+from inbrainsyn.templates.regions import CORTICAL_PARCEL_LABELS, argmax_labels, one_hot, summary_volumes_from_maps
 
 GROUPS = ("HC", "AD", "HC->AD")
 TRUTHS = ("subject", "pattern")
@@ -76,7 +76,8 @@ RATE_SIGMA = 0.2
 COHORT_COLUMNS = ("subject", "scan", "age", "group", "transition_age", "path", "labels_path", "mask_path",
                   "clean_path", "head_path", "input")
 TRUTH_COLUMNS = ("subject", "scan", "age", "truth", "clean_path", "labels_path", "mask_path", "field_path")
-TISSUE_REGIONS = ("hippocampus", "amygdala", "cortical_gm", "subcortical_gm", "cerebral_wm")
+TISSUE_REGIONS = ("hippocampus", "amygdala", "cortical_gm", "subcortical_gm", "cerebral_wm",
+                  *CORTICAL_PARCEL_LABELS.values())  # a bank's cortical parcels are cortex too
 
 
 @dataclass
@@ -346,7 +347,10 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
     template_volumes = summary_volumes_from_maps(maps, values, bank.label_names, voxel_ml)
 
     # (a) regional volumes of the anatomy, (b) random diffeomorphism psi = A o exp(r_L) o exp(r_D)
-    factors = plan["anatomy_factors"]
+    factors = dict(plan["anatomy_factors"])
+    for parcel in CORTICAL_PARCEL_LABELS.values():  # a regional bank's cortical parcels follow the cortex
+        if parcel in names:
+            factors[parcel] = factors["cortical_gm"]
     variation = atrophy.solve_ageing_svf(maps, names, {k: math.log(v) for k, v in factors.items()}, spacing_zyx,
                                          balance_region=bank.model.balance_region,
                                          solve_spacing_mm=config.solve_spacing_mm, full_rounds=config.solver_rounds)
