@@ -1,13 +1,15 @@
-"""Evaluation metrics (analytic cases) and one end-to-end `inbrainsyn evaluate` on a tiny phantom."""
+"""Evaluation metrics and statistics (analytic cases) and one end-to-end `inbrainsyn evaluate` on a tiny phantom."""
 
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
+import torch
 
-from inbrainsyn import evaluate
+from inbrainsyn import evaluate, fields
 
 
 def test_psnr_mae_of_known_error():
@@ -43,9 +45,70 @@ def test_unit_range_maps_percentiles():
     assert mapped.min() == 0 and mapped.max() == 1
 
 
+def test_endpoint_error_of_a_known_offset():
+    shape = (6, 7, 8)
+    true = np.zeros((*shape, 3))
+    pred = true.copy()
+    pred[..., 0] = 3.0
+    pred[..., 1] = 4.0
+    mask = np.zeros(shape, bool)
+    mask[1:4] = True
+    mean, p95 = evaluate.endpoint_error(pred, true, mask)
+    assert mean == pytest.approx(5.0) and p95 == pytest.approx(5.0)
+
+
+def test_regional_log_changes_of_a_uniform_scaling():
+    """Pull-back by x -> c + s (x - c) scales a blob's volume by 1/s^3: log change -3 log s."""
+    shape = (40, 40, 40)
+    x = fields.voxel_coordinates(shape, dtype=torch.float32)
+    r2 = ((x - 19.5) ** 2).sum(0)
+    maps = torch.stack([(r2 < 8.0**2).float(), (r2 < 12.0**2).float() - (r2 < 8.0**2).float()])
+    s = 0.95
+    disp = (s - 1.0) * (x - 19.5)
+    changes = evaluate.regional_log_changes(maps, {"inner": [0], "both": [0, 1]}, disp)
+    assert changes["inner"] == pytest.approx(-3 * math.log(s), abs=0.01)
+    assert changes["both"] == pytest.approx(-3 * math.log(s), abs=0.01)
+    assert evaluate.regional_log_changes(maps, {"inner": [0]}, None)["inner"] == 0.0
+
+
+def _rows(effect: float, noise: float, subjects: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(subjects):
+        base = rng.normal(28, 1)
+        for k in range(3):
+            for method, value in (("copy", base), ("oracle", base + 2.0), ("pole", base + effect + rng.normal(0, noise))):
+                rows.append({"subject": f"s{s}", "age": 70 + k, "truth": "subject", "method": method, "psnr": value})
+    return rows
+
+
+def test_paired_difference_interval_covers_the_effect_and_excludes_zero_when_clear():
+    p = evaluate.paired_differences(_rows(1.0, 0.3), "pole", "copy", "psnr", "subject", seed=1)
+    assert p["lo"] < 1.0 < p["hi"] and p["lo"] > 0
+    assert p["n"] == 36 and p["subjects"] == 12
+    null = evaluate.paired_differences(_rows(0.0, 0.5), "pole", "copy", "psnr", "subject", seed=1)
+    assert null["lo"] < 0 < null["hi"]
+    again = evaluate.paired_differences(_rows(1.0, 0.3), "pole", "copy", "psnr", "subject", seed=1)
+    assert again == p  # deterministic for a seed
+
+
+def test_gap_closed_is_the_share_of_the_copy_to_oracle_gap():
+    g = evaluate.gap_closed(_rows(1.0, 0.0), "pole", "subject")
+    assert g["share"] == pytest.approx(0.5) and g["lo"] == pytest.approx(0.5) and g["hi"] == pytest.approx(0.5)
+    g = evaluate.gap_closed(_rows(1.5, 0.3), "pole", "subject")
+    assert g["lo"] < 0.75 < g["hi"]
+
+
+def test_strata_are_distance_tertiles():
+    rows = [{"subject": f"s{i}", "distance_mm": float(i)} for i in range(9)]
+    names = evaluate.add_strata(rows)
+    assert len(names) == 3
+    assert [r["stratum"] for r in rows] == [names[0]] * 3 + [names[1]] * 3 + [names[2]] * 3
+
+
 @pytest.mark.slow
 def test_evaluate_end_to_end_on_a_tiny_phantom(tmp_path):
-    """One subject, one follow-up, every method: all metrics finite, the table written."""
+    """One subject (with skull: the whole pipeline), one follow-up, every method, both truths."""
     from inbrainsyn.cli import main
 
     phantom = tmp_path / "phantom"
@@ -54,12 +117,20 @@ def test_evaluate_end_to_end_on_a_tiny_phantom(tmp_path):
     assert main(["evaluate", "--phantom", str(phantom), "-o", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert {r["method"] for r in rows} == set(evaluate.METHODS)
+    assert {r["truth"] for r in rows} == {"subject", "pattern"}
+    assert {r["input"] for r in rows} == {"head"}
     for row in rows:
         for metric in evaluate.METRICS:
-            assert np.isfinite(float(row[metric]))
-    copy = next(r for r in rows if r["method"] == "copy")
-    pole = next(r for r in rows if r["method"] == "pole")
-    # the follow-up differs from the baseline by 4 years of ageing: predicting it must beat copying
-    assert float(pole["mae"]) < float(copy["mae"])
-    assert "| pole |" in (out / "table.md").read_text()
-    assert (out / "metrics.png").stat().st_size > 0
+            assert np.isfinite(float(row[metric])), (row["method"], metric)
+    get = {(r["truth"], r["method"]): r for r in rows}
+    for truth in ("subject", "pattern"):
+        oracle, copy, pole = get[(truth, "oracle")], get[(truth, "copy")], get[(truth, "pole")]
+        # float32 round trip of the true field: zero up to ~1e-7
+        assert float(oracle["epe_mm"]) < 1e-5 and float(oracle["dlv_mean"]) < 1e-5
+        assert float(oracle["psnr"]) > float(copy["psnr"])
+        # 4 years of ageing: the prediction's volume changes beat "no change"
+        assert float(pole["dlv_mean"]) < float(copy["dlv_mean"])
+        assert float(copy["dlv_hippocampus"]) == pytest.approx(-float(copy["true_dlv_hippocampus"]))
+    report = (out / "report.md").read_text()
+    assert "| pole |" in report and "gap closed" in report
+    assert (out / "figure.png").stat().st_size > 0

@@ -1,30 +1,50 @@
-"""Ground-truth ageing phantom: a synthetic longitudinal cohort with known follow-ups.
+"""Ground-truth ageing phantom: a synthetic longitudinal cohort whose anatomy varies as older adults' does.
 
-Each subject is built as follows (all deterministic for a seed):
+Each subject is built as follows (all deterministic for a seed; Colin27 is never used):
 
 1. **Anatomy.**  The bank template (and its labels) of the subject's starting cohort at the listed age
-   nearest to the baseline age, warped by a random inter-subject diffeomorphism
-   ``psi = A o exp(r)``: ``r`` a smooth random SVF (largest displacement 4-8 mm, smoothness ~15 mm) and
-   ``A`` a small affine (scaling +-5 %, rotation +-4 degrees, shift +-3 mm).  Partial-volume label maps
-   are warped with the image (trilinear), so the subject's own regions are known exactly.
+   nearest to the baseline age, resampled onto a grid padded by ``pad_mm`` (room for a skull and a
+   larger head), then
+   a. **regional volumes** drawn per subject -- lateral ventricles 0.6-3x and hippocampi 0.5-1.1x the
+      template's (log-uniform), amygdalae following the hippocampi, cortical/subcortical GM and WM by a
+      common *brain factor* (so the brain-to-intracranial ratio varies) -- realised by the atrophy
+      solver :func:`atrophy.solve_ageing_svf` on the template's own partial-volume maps (``exp(s)``;
+      CSF balances inside a fixed skull), so the subject's labels stay known exactly;
+   b. a random diffeomorphism ``psi = A o exp(r_L) o exp(r_D)``: ``r_L`` a large smooth SVF (largest
+      displacement 10-15 mm, smoothness 40 mm), ``r_D`` a less smooth one (about 8 mm at 15 mm) and
+      ``A`` an affine whose isotropic scale sets the intracranial volume (ICV x 0.9-1.1) with a
+      small anisotropy (+-3 %), rotation (+-6 degrees) and shift (+-5 mm).
+   The subject is ``template o phi`` with ``phi = exp(s) o psi``; partial-volume label maps are warped
+   the same way (trilinear).
 2. **Group.**  HC, AD, or HC->AD converter (round robin), a baseline age and, for converters, a
    conversion age between the baseline and the last follow-up.
-3. **True follow-ups** at baseline + ``followup_years``: the atrophy model's regional log-volume
-   changes (HC / AD / converter rates, times subject-specific lognormal rate multipliers, sigma 0.2)
-   are *solved on the subject's own partial-volume maps* with :func:`atrophy.solve_ageing_svf`, and the
-   subject's anatomy is warped by ``psi o exp(u)``.  No template-to-subject transport is involved,
-   so the truth does not favour any transport method by construction.
-4. **Acquisition.**  Per subject: intensity scale, contrast gamma and a smooth multiplicative bias
-   field; per scan: a small extra bias variation and Rician noise.  Images are stored as int16
-   (arbitrary scanner units, white matter ~ 700-1100); ``clean`` images omit the per-scan bias
-   variation and the noise.  Optionally a synthetic skull and scalp surround the brain.
+3. **Two truths** for each follow-up at baseline + ``followup_years`` (see docs/evaluation.md):
+   * ``subject`` -- the atrophy model's regional log-volume changes (HC / AD / converter rates, times
+     subject-specific lognormal multipliers, sigma 0.2) solved on the subject's own partial-volume
+     maps.  Since the subject's regions are the template's regions carried by ``phi``, this is the
+     template's kind of ageing seen in the subject's coordinates: the change-of-coordinates view
+     behind full conjugation, which it favours.
+   * ``pattern`` -- the same regional targets, but each tissue region is split by a smooth random
+     field (40 mm) into two parts whose rates differ by a subject-specific factor ``exp(+-d)``
+     (``d`` 0.3-0.7): a spatial pattern of atrophy that the template's ageing does not contain, so
+     no transport of the template's ageing can recover it.
+   The true baseline -> follow-up map ``exp(u)`` of each truth is written (ITK displacement field).
+4. **Acquisition** (the demo subject's model): a synthetic skull and scalp around the intracranial
+   volume, per subject an intensity scale, contrast gamma and smooth multiplicative bias field;
+   per scan a small extra bias variation and Rician noise.  Images are int16.  Every scan is written
+   with skull (``head``) and skull-stripped (``T1w``); ``clean`` images (brain only) omit the per-scan
+   bias variation and the noise and are the reference for image metrics.  Every third block of three
+   subjects (one per group) is marked ``input = head``: the evaluation runs those through the whole
+   pipeline as a user would (affine and brain extraction on the scan with skull).
 
 Outputs in ``DIR``: ``cohort.csv`` (subject, scan, age, group, transition_age, path, labels_path,
-mask_path, clean_path; paths relative to DIR), ``phantom.json`` (parameters, per-scan prescribed and
-achieved regional log-volume changes, and the true summary-region volumes ``volumes_ml`` measured on
-the warped partial-volume maps) and per subject ``sub-XXX/`` images, label maps and masks.  The label
-maps are the argmax of the warped partial-volume maps; for the small changes of a few years prefer
-``volumes_ml`` to counting label voxels (sub-voxel changes are quantised in hard labels).
+mask_path, clean_path, head_path, input; paths relative to DIR), ``truths.csv`` (subject, scan, age,
+truth, clean_path, labels_path, mask_path, field_path; one row per follow-up and truth),
+``phantom.json`` (parameters; per subject the anatomical draws, the measured anatomy -- volumes, ICV,
+brain-to-ICV ratio, displacement from the template -- and per scan and truth the prescribed and
+achieved regional log-volume changes and the summary-region volumes ``volumes_ml`` measured on the
+warped partial-volume maps) and per subject ``sub-XXX/`` images, label maps, masks and fields.  The
+``cohort.csv`` follow-ups are the ``subject`` truth.
 """
 
 from __future__ import annotations
@@ -32,8 +52,9 @@ from __future__ import annotations
 import csv
 import io as _stdio
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,27 +67,47 @@ from inbrainsyn import fields, io
 from inbrainsyn.errors import InputError, ProcessingError
 from inbrainsyn.templates import atrophy
 from inbrainsyn.templates.bank import Bank, load_bank
-from inbrainsyn.templates.regions import argmax_labels, one_hot, summary_volumes_from_maps
+from inbrainsyn.templates.regions import CORTICAL_PARCEL_LABELS, argmax_labels, one_hot, summary_volumes_from_maps
 
 GROUPS = ("HC", "AD", "HC->AD")
+TRUTHS = ("subject", "pattern")
 BASELINE_AGE_RANGES = {"HC": (60.0, 82.0), "AD": (65.0, 82.0), "HC->AD": (62.0, 80.0)}
 RATE_SIGMA = 0.2
-COHORT_COLUMNS = ("subject", "scan", "age", "group", "transition_age", "path", "labels_path", "mask_path", "clean_path")
+COHORT_COLUMNS = ("subject", "scan", "age", "group", "transition_age", "path", "labels_path", "mask_path",
+                  "clean_path", "head_path", "input")
+TRUTH_COLUMNS = ("subject", "scan", "age", "truth", "clean_path", "labels_path", "mask_path", "field_path")
+TISSUE_REGIONS = ("hippocampus", "amygdala", "cortical_gm", "subcortical_gm", "cerebral_wm",
+                  *CORTICAL_PARCEL_LABELS.values())  # a bank's cortical parcels are cortex too
 
 
 @dataclass
 class PhantomConfig:
-    subjects: int = 25
+    subjects: int = 30
     seed: int = 0
+    first_index: int = 0  # subjects are sub-<first_index> ... (to build a cohort in chunks)
     spacing: float | None = None  # mm; None = the bank's spacing
     followup_years: tuple[float, ...] = (2.0, 4.0, 6.0)
-    max_displacement_mm: tuple[float, float] = (4.0, 8.0)
-    smoothness_mm: float = 15.0
+    # anatomy (factors of the anatomy template's volumes; ventricles/hippocampi log-uniform)
+    ventricle_factor: tuple[float, float] = (0.6, 3.0)
+    hippocampus_factor: tuple[float, float] = (0.5, 1.1)
+    icv_factor: tuple[float, float] = (0.9, 1.1)
+    brain_factor: tuple[float, float] = (0.88, 1.04)
+    max_displacement_mm: tuple[float, float] = (10.0, 15.0)  # large smooth warp
+    smoothness_mm: float = 40.0
+    detail_displacement_mm: tuple[float, float] = (7.0, 9.0)  # less smooth warp
+    detail_smoothness_mm: float = 15.0
+    pad_mm: float = 16.0  # grid padding around the bank grid (skull, scalp, larger heads)
+    # acquisition
     noise: tuple[float, float] = (0.015, 0.035)  # Rician sigma as a fraction of the WM intensity
     bias_amplitude: float = 0.15
-    skull: bool = False
+    pipeline_every: int = 3  # subjects 3k*N..3k*N+2 (one per group) are evaluated with skull; 0 = none
+    # truths
+    truths: tuple[str, ...] = TRUTHS
+    pattern_contrast: tuple[float, float] = (0.3, 0.7)
+    pattern_smoothness_mm: float = 40.0
     solve_spacing_mm: float = 3.0
-    solver_rounds: int = 3  # full-grid defect corrections of the atrophy solver (3 in the bank builder)
+    solver_rounds: int = 2  # full-grid defect corrections of the atrophy solver (the truth is the field, not the goal)
+    workers: int = 1  # subjects built in parallel processes
 
     def validate(self) -> None:
         if self.subjects < 1:
@@ -75,6 +116,12 @@ class PhantomConfig:
             raise InputError(f"follow-up intervals must be positive years, got {self.followup_years}")
         if self.spacing is not None and not 0.5 <= self.spacing <= 4.0:
             raise InputError(f"--spacing must be between 0.5 and 4 mm, got {self.spacing}")
+        if not self.truths or any(t not in TRUTHS for t in self.truths) or self.truths[0] != "subject":
+            raise InputError(f"truths must start with 'subject' and be among {', '.join(TRUTHS)}, got {self.truths}")
+        if self.first_index < 0:
+            raise InputError(f"--first-index must be >= 0, got {self.first_index}")
+        if self.workers < 1:
+            raise InputError(f"--workers must be at least 1, got {self.workers}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,20 +145,26 @@ def smooth_noise(shape: tuple[int, int, int], spacing_zyx, smoothness_mm: float,
     return (up / norm).numpy()
 
 
-def random_affine_displacement(shape, spacing_zyx, rng: np.random.Generator) -> torch.Tensor:
-    """Displacement ``(3, Z, Y, X)`` (voxel units) of a small random affine about the volume centre."""
-    angles = np.deg2rad(rng.uniform(-4, 4, 3))
+def random_affine_displacement(shape, spacing_zyx, rng: np.random.Generator, scale: float = 1.0,
+                               anisotropy: float = 0.05, degrees: float = 4.0, shift_mm: float = 3.0) -> torch.Tensor:
+    """Displacement ``(3, Z, Y, X)`` (voxel units) of a random affine about the volume centre.
+
+    Pull-back: the image warped by it is the anatomy scaled by ``1 / scale`` (``scale`` < 1 enlarges
+    the head), times a random per-axis factor ``1 +- anisotropy``, rotated by up to ``degrees`` about
+    each axis and shifted by up to ``shift_mm``.
+    """
+    angles = np.deg2rad(rng.uniform(-degrees, degrees, 3))
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    matrix = rz @ ry @ rx @ np.diag(rng.uniform(0.95, 1.05, 3))
-    shift_mm = rng.uniform(-3, 3, 3)
+    matrix = rz @ ry @ rx @ np.diag(scale * rng.uniform(1 - anisotropy, 1 + anisotropy, 3))
+    shift = rng.uniform(-shift_mm, shift_mm, 3)
     spacing_xyz = np.array(spacing_zyx[::-1])
     points = fields.voxel_coordinates(shape, dtype=torch.float64).numpy().reshape(3, -1) * spacing_xyz[:, None]
     centre = points.mean(1, keepdims=True)
-    moved = matrix @ (points - centre) + centre + shift_mm[:, None]
+    moved = matrix @ (points - centre) + centre + shift[:, None]
     disp = (moved - points) / spacing_xyz[:, None]
     return torch.from_numpy(disp.reshape(3, *shape)).float()
 
@@ -147,34 +200,68 @@ def acquire(clean: np.ndarray, scale: float, gamma: float, bias: np.ndarray, noi
 
 
 # ---------------------------------------------------------------------------------------------
-# Phantom
+# Grids
 # ---------------------------------------------------------------------------------------------
 
 
-def _subject_grid(bank: Bank, spacing: float | None) -> fields.Grid:
-    if spacing is None or abs(spacing - bank.grid.spacing[0]) < 1e-6:
-        return bank.grid
-    size = tuple(int(math.floor((n - 1) * s / spacing)) + 1 for n, s in zip(bank.grid.size, bank.grid.spacing))
-    return fields.Grid(size=size, spacing=(spacing,) * 3, origin=bank.grid.origin, direction=bank.grid.direction)
+def subject_grid(bank: Bank, spacing: float | None, pad_mm: float = 0.0) -> fields.Grid:
+    """The bank grid's extent grown by ``pad_mm`` on every side, sampled at ``spacing`` (same direction)."""
+    spacing = float(spacing or bank.grid.spacing[0])
+    extent = [(n - 1) * s + 2 * pad_mm for n, s in zip(bank.grid.size, bank.grid.spacing)]
+    size = tuple(int(math.floor(e / spacing + 1e-6)) + 1 for e in extent)
+    # keep the grid centred on the bank grid's centre
+    centre = np.asarray(bank.grid.origin) + bank.grid.index_to_physical @ ((np.asarray(bank.grid.size) - 1) / 2.0)
+    direction = bank.grid.direction_matrix
+    origin = centre - direction @ (spacing * (np.asarray(size) - 1) / 2.0)
+    return fields.Grid(size=size, spacing=(spacing,) * 3, origin=tuple(float(o) for o in origin),
+                       direction=bank.grid.direction)
 
 
-def _resample(tensor: torch.Tensor, source: fields.Grid, target: fields.Grid) -> torch.Tensor:
-    """Resample ``(C, Z, Y, X)`` maps from the bank grid to the subject grid (same origin, corner-aligned)."""
+def resample_to_grid(tensor: torch.Tensor, source: fields.Grid, target: fields.Grid) -> torch.Tensor:
+    """Resample ``(C, Z, Y, X)`` maps from ``source`` onto ``target`` (linear; zero outside the source).
+
+    Downsampling is anti-aliased by a Gaussian of ``0.5 (ratio - 1)`` source voxels.
+    """
     if source.same_as(target):
         return tensor
     sigma = max(0.0, 0.5 * (target.spacing[0] / source.spacing[0] - 1.0))
     data = tensor.numpy()
     if sigma > 0:
         data = np.stack([ndi.gaussian_filter(c, sigma, mode="nearest") for c in data])
-    # target voxel centres in source voxel coordinates (shared origin and direction)
-    scale = [target.spacing[a] / source.spacing[a] for a in (2, 1, 0)]
-    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) * sc for n, sc in zip(target.shape, scale)],
-                             indexing="ij")
+    # target voxel index -> source voxel index (both (x, y, z))
+    matrix = np.linalg.inv(source.index_to_physical) @ target.index_to_physical
+    offset = np.linalg.inv(source.index_to_physical) @ (np.asarray(target.origin) - np.asarray(source.origin))
+    points = fields.voxel_coordinates(target.shape, dtype=torch.float64).numpy().reshape(3, -1)
+    index = (matrix @ points + offset[:, None]).reshape(3, *target.shape)
     nz, ny, nx = source.shape
-    norm = torch.stack((2 * x / (nx - 1) - 1, 2 * y / (ny - 1) - 1, 2 * z / (nz - 1) - 1), dim=-1).float()
-    out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(data)).float().unsqueeze(0), norm.unsqueeze(0),
-                        mode="bilinear", padding_mode="border", align_corners=True)[0]
-    return out
+    scale = np.array([2.0 / (nx - 1), 2.0 / (ny - 1), 2.0 / (nz - 1)])[:, None, None, None]
+    norm = torch.from_numpy(np.moveaxis(index * scale - 1.0, 0, -1)).float()
+    return F.grid_sample(torch.from_numpy(np.ascontiguousarray(data)).float().unsqueeze(0), norm.unsqueeze(0),
+                         mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+
+
+def nonlinear_displacement_mm(displacement: torch.Tensor, mask: np.ndarray, spacing_mm: float) -> dict[str, float]:
+    """Size of a map's non-affine part inside ``mask``: the best-fitting affine (least squares) removed.
+
+    Returns ``{"rms_mm", "p95_mm"}``; used as the subject's distance from the template.
+    """
+    points = fields.voxel_coordinates(tuple(displacement.shape[1:]), dtype=torch.float64).numpy()
+    inside = mask.astype(bool)
+    x = points[:, inside].T * spacing_mm
+    y = displacement.numpy()[:, inside].T.astype(np.float64) * spacing_mm
+    design = np.hstack([x, np.ones((x.shape[0], 1))])
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    residual = np.sqrt(((y - design @ coef) ** 2).sum(1))
+    return {"rms_mm": float(np.sqrt(np.mean(residual ** 2))), "p95_mm": float(np.percentile(residual, 95))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Subjects
+# ---------------------------------------------------------------------------------------------
+
+
+def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return float(np.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1]))))
 
 
 def _subject_plan(index: int, seed: int, config: PhantomConfig, bank: Bank) -> dict:
@@ -189,21 +276,58 @@ def _subject_plan(index: int, seed: int, config: PhantomConfig, bank: Bank) -> d
     age = round(float(rng.uniform(lo, hi)), 1)
     transition = round(float(age + rng.uniform(1.0, max(1.5, last - 1.0))), 1) if group == "HC->AD" else None
     multipliers = {name: float(np.exp(rng.normal(0.0, RATE_SIGMA))) for name in bank.model.regions} if bank.model else {}
+    hippocampus = _log_uniform(rng, config.hippocampus_factor)
+    brain = float(rng.uniform(*config.brain_factor))
+    every = config.pipeline_every
     return {
         "subject": f"sub-{index:03d}",
         "group": group,
         "baseline_age": age,
         "transition_age": transition,
         "rate_multipliers": multipliers,
+        "input": "head" if every > 0 and (index // 3) % every == 0 else "stripped",
+        "anatomy_factors": {
+            "lateral_ventricles": _log_uniform(rng, config.ventricle_factor),
+            "hippocampus": hippocampus,
+            "amygdala": hippocampus * float(np.exp(rng.normal(0.0, 0.08))),
+            "cortical_gm": brain * float(np.exp(rng.normal(0.0, 0.02))),
+            "subcortical_gm": brain * float(np.exp(rng.normal(0.0, 0.04))),
+            "cerebral_wm": brain * float(np.exp(rng.normal(0.0, 0.03))),
+        },
+        "icv_factor": float(rng.uniform(*config.icv_factor)),
         "max_displacement_mm": float(rng.uniform(*config.max_displacement_mm)),
+        "detail_displacement_mm": float(rng.uniform(*config.detail_displacement_mm)),
+        "pattern_contrast": float(rng.uniform(*config.pattern_contrast)),
         "intensity_scale": float(rng.uniform(800, 1200)),
         "gamma": float(rng.uniform(0.85, 1.15)),
         "noise": float(rng.uniform(*config.noise)),
     }
 
 
+def _pattern_maps(maps: torch.Tensor, names: list[str], targets: dict[str, float], contrast: float,
+                  spacing_zyx, smoothness_mm: float, rng: np.random.Generator):
+    """Split each tissue region by a smooth random weight into two parts with rates ``g exp(+-contrast)``."""
+    out_maps, out_names, out_targets = [], [], {}
+    for name, region in zip(names, maps):
+        if name not in TISSUE_REGIONS or name not in targets:
+            out_maps.append(region)
+            out_names.append(name)
+            if name in targets:
+                out_targets[name] = targets[name]
+            continue
+        weight = torch.from_numpy(1.0 / (1.0 + np.exp(-4.0 * smooth_noise(tuple(region.shape), spacing_zyx,
+                                                                             smoothness_mm, rng)[0]))).float()
+        sign = 1.0 if rng.uniform() < 0.5 else -1.0
+        out_maps += [region * weight, region * (1.0 - weight)]
+        out_names += [f"{name}:a", f"{name}:b"]
+        out_targets[f"{name}:a"] = targets[name] * math.exp(sign * contrast)
+        out_targets[f"{name}:b"] = targets[name] * math.exp(-sign * contrast)
+    return torch.stack(out_maps), out_names, out_targets
+
+
 def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfig, log=print) -> tuple[dict, list[dict]]:
-    """Build one subject: returns (plan, scans) with scans holding numpy images and label maps."""
+    """Build one subject: returns (plan, scans); each scan holds numpy images, label maps and, for
+    follow-ups, one entry per truth in ``scan["truths"]``."""
     plan = _subject_plan(index, config.seed, config, bank)
     rng = np.random.default_rng([config.seed, index, 2])
     spacing_zyx = tuple(reversed(grid.spacing))
@@ -211,68 +335,180 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
     start_cohort = "AD" if plan["group"] == "AD" else "HC"
     listed = bank.ages(start_cohort)
     anatomy_age = min(listed, key=lambda a: abs(a - plan["baseline_age"]))
-    plan["anatomy_template_age"] = anatomy_age
+    plan["anatomy_template"] = {"cohort": start_cohort, "age": anatomy_age}
 
     values = sorted(bank.label_names)
     names = [bank.label_names[v] for v in values]
     template = bank.template_tensor(start_cohort, anatomy_age)
     labels = bank.labels_tensor(start_cohort, anatomy_age)
-    maps = _resample(torch.cat([template[None], one_hot(labels, values)]), bank.grid, grid)
+    maps = resample_to_grid(torch.cat([template[None], one_hot(labels, values)]), bank.grid, grid)
     template, maps = maps[0], maps[1:].clamp(0, 1)
     shape = tuple(template.shape)
+    template_volumes = summary_volumes_from_maps(maps, values, bank.label_names, voxel_ml)
 
-    # inter-subject diffeomorphism psi = A o exp(r)
-    r = torch.from_numpy(smooth_noise(shape, spacing_zyx, config.smoothness_mm, rng, channels=3)).float()
-    r = r * (plan["max_displacement_mm"] / grid.spacing[0])
-    psi = fields.compose(random_affine_displacement(shape, spacing_zyx, rng), fields.exp(r))
-    subject_maps = fields.warp(maps, psi)
+    # (a) regional volumes of the anatomy, (b) random diffeomorphism psi = A o exp(r_L) o exp(r_D)
+    factors = dict(plan["anatomy_factors"])
+    for parcel in CORTICAL_PARCEL_LABELS.values():  # a regional bank's cortical parcels follow the cortex
+        if parcel in names:
+            factors[parcel] = factors["cortical_gm"]
+    variation = atrophy.solve_ageing_svf(maps, names, {k: math.log(v) for k, v in factors.items()}, spacing_zyx,
+                                         balance_region=bank.model.balance_region,
+                                         solve_spacing_mm=config.solve_spacing_mm, full_rounds=config.solver_rounds)
+    large = torch.from_numpy(smooth_noise(shape, spacing_zyx, config.smoothness_mm, rng, channels=3)).float()
+    detail = torch.from_numpy(smooth_noise(shape, spacing_zyx, config.detail_smoothness_mm, rng, channels=3)).float()
+    large = large * (plan["max_displacement_mm"] / grid.spacing[0])
+    detail = detail * (plan["detail_displacement_mm"] / grid.spacing[0])
+    affine = random_affine_displacement(shape, spacing_zyx, rng, scale=plan["icv_factor"] ** (-1.0 / 3.0),
+                                        anisotropy=0.03, degrees=6.0, shift_mm=5.0)
+    psi = fields.compose(affine, fields.compose(fields.exp(large), fields.exp(detail)))
+    phi = fields.compose(fields.exp(variation.velocity), psi)
+    subject_maps = fields.warp(maps, phi)
+    icv = (subject_maps.sum(0) > 0.5).numpy()
+    min_jac = float(fields.jacobian_determinant(phi).min())
+    base_volumes = summary_volumes_from_maps(subject_maps, values, bank.label_names, voxel_ml)
+    icv_ml = float(subject_maps.sum()) * voxel_ml
+    plan["anatomy"] = {
+        "template_volumes_ml": {k: round(v, 3) for k, v in template_volumes.items()},
+        "template_icv_ml": round(float(maps.sum()) * voxel_ml, 2),
+        "icv_ml": round(icv_ml, 2),
+        "brain_to_icv": round(base_volumes["whole_brain"] / icv_ml, 4),
+        "template_brain_to_icv": round(template_volumes["whole_brain"] / (float(maps.sum()) * voxel_ml), 4),
+        "volume_ratio_to_template": {k: round(base_volumes[k] / template_volumes[k], 4) for k in base_volumes},
+        "min_jacobian": round(min_jac, 4),
+        "largest_displacement_mm": round(fields.max_norm(phi) * grid.spacing[0], 2),
+        "nonlinear_displacement": {k: round(v, 3) for k, v in nonlinear_displacement_mm(phi, icv, grid.spacing[0]).items()},
+    }
 
     # acquisition parameters
     bias = np.exp(config.bias_amplitude * smooth_noise(shape, spacing_zyx, 80.0, rng)[0])
-    skull = None
-    if config.skull:
-        icv = (argmax_labels(subject_maps, values) > 0).numpy()
-        skull = synthetic_skull(icv, grid.spacing[0])
+    skull = synthetic_skull(icv, grid.spacing[0])
+    pattern_rng = np.random.default_rng([config.seed, index, 3])
+
+    def render(disp: torch.Tensor) -> dict:
+        scan_maps = fields.warp(maps, disp)
+        scan_labels = argmax_labels(scan_maps, values).numpy()
+        brain = fields.warp(template, disp).numpy()
+        head = np.where(scan_labels > 0, brain, skull)
+        return {"maps": scan_maps, "labels": scan_labels, "brain": brain, "head": head,
+                "volumes_ml": summary_volumes_from_maps(scan_maps, values, bank.label_names, voxel_ml)}
 
     scans = []
     ages = [plan["baseline_age"]] + [round(plan["baseline_age"] + y, 1) for y in config.followup_years]
     for k, age in enumerate(ages):
+        scan = {"scan": k, "age": age, "truths": {}}
         if k == 0:
-            disp, goals, achieved, min_jac = psi, {}, {}, 1.0
+            scan.update(render(phi))
+            scan.update(goals={}, achieved={}, min_jacobian=min_jac)
         else:
             target_cohort = "HC" if plan["group"] == "HC" else "AD"
             targets = bank.model.targets(target_cohort, plan["baseline_age"], age, plan["transition_age"],
                                          plan["rate_multipliers"])
-            solution = atrophy.solve_ageing_svf(subject_maps, names, targets, spacing_zyx,
-                                                balance_region=bank.model.balance_region,
-                                                solve_spacing_mm=config.solve_spacing_mm,
-                                                full_rounds=config.solver_rounds,
-                                                source_maps=maps, pre_displacement=psi)
-            disp = fields.compose(psi, fields.exp(solution.velocity))
-            goals, achieved, min_jac = solution.goals, solution.achieved, solution.min_jacobian
-        clean = fields.warp(template, disp).numpy()
-        scan_maps = fields.warp(maps, disp)
-        scan_labels = argmax_labels(scan_maps, values).numpy()
-        volumes = summary_volumes_from_maps(scan_maps, values, bank.label_names, voxel_ml)
-        if skull is not None:
-            clean = np.where(scan_labels > 0, clean, skull)
+            for truth in config.truths:
+                if truth == "subject":
+                    solution = atrophy.solve_ageing_svf(subject_maps, names, targets, spacing_zyx,
+                                                        balance_region=bank.model.balance_region,
+                                                        solve_spacing_mm=config.solve_spacing_mm,
+                                                        full_rounds=config.solver_rounds,
+                                                        source_maps=maps, pre_displacement=phi)
+                else:
+                    split, split_names, split_targets = _pattern_maps(
+                        subject_maps, names, targets, plan["pattern_contrast"], spacing_zyx,
+                        config.pattern_smoothness_mm, pattern_rng)
+                    solution = atrophy.solve_ageing_svf(split, split_names, split_targets, spacing_zyx,
+                                                        balance_region=bank.model.balance_region,
+                                                        solve_spacing_mm=config.solve_spacing_mm,
+                                                        full_rounds=config.solver_rounds)
+                true_map = fields.exp(solution.velocity)  # baseline -> follow-up, subject grid
+                rendered = render(fields.compose(phi, true_map))
+                rendered.update(field=true_map, goals=solution.goals, achieved=solution.achieved,
+                                min_jacobian=solution.min_jacobian)
+                scan["truths"][truth] = rendered
+            scan.update(scan["truths"]["subject"])
         scan_bias = bias * np.exp(0.03 * smooth_noise(shape, spacing_zyx, 80.0, rng)[0])
-        clean_acq = acquire(clean, plan["intensity_scale"], plan["gamma"], bias, 0.0, None)
-        observed = acquire(clean, plan["intensity_scale"], plan["gamma"], scan_bias, plan["noise"], rng)
-        scans.append({
-            "scan": k, "age": age, "image": observed, "clean": clean_acq, "labels": scan_labels,
-            "mask": (scan_labels > 0).astype(np.uint8),
-            "goals": goals, "achieved": achieved, "min_jacobian": min_jac, "volumes_ml": volumes,
-        })
+        scan["observed_head"] = acquire(scan["head"], plan["intensity_scale"], plan["gamma"], scan_bias, plan["noise"], rng)
+        for entry in [scan] + list(scan["truths"].values()):
+            entry["clean"] = acquire(entry["brain"] * (entry["labels"] > 0), plan["intensity_scale"], plan["gamma"],
+                                     bias, 0.0, None)
+        scans.append(scan)
     return plan, scans
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_subject(index: int, staging: Path, config: PhantomConfig, bank_path: str | None, grid: fields.Grid,
+                   bank: Bank | None = None) -> tuple[dict, list[dict], list[dict]]:
+    """Build subject ``index`` and write its files under ``staging``; returns (record, cohort rows, truth rows).
+
+    A top-level function of plain arguments so that subjects can be mapped over worker processes.
+    """
+    staging = Path(staging)
+    bank = bank or load_bank(bank_path)
+    t0 = time.time()
+    plan, scans = make_subject(index, bank, grid, config)
+    name = plan["subject"]
+    rows, truth_rows = [], []
+    for scan in scans:
+        stem = f"{name}/{name}_scan-{scan['scan']}"
+        mask = (scan["labels"] > 0).astype(np.uint8)
+        paths = {"path": f"{stem}_T1w.nii.gz", "clean_path": f"{stem}_clean.nii.gz",
+                 "labels_path": f"{stem}_labels.nii.gz", "mask_path": f"{stem}_mask.nii.gz",
+                 "head_path": f"{stem}_head.nii.gz"}
+        _write(np.round(scan["observed_head"] * mask).clip(0, 32767), grid, staging / paths["path"], sitk.sitkInt16)
+        _write(np.round(scan["observed_head"]).clip(0, 32767), grid, staging / paths["head_path"], sitk.sitkInt16)
+        _write(np.round(scan["clean"]).clip(0, 32767), grid, staging / paths["clean_path"], sitk.sitkInt16)
+        _write(scan["labels"], grid, staging / paths["labels_path"], sitk.sitkUInt8)
+        _write(mask, grid, staging / paths["mask_path"], sitk.sitkUInt8)
+        rows.append({"subject": name, "scan": scan["scan"], "age": f"{scan['age']:.1f}", "group": plan["group"],
+                     "transition_age": "" if plan["transition_age"] is None else f"{plan['transition_age']:.1f}",
+                     **paths, "input": plan["input"]})
+        record = {"scan": scan["scan"], "age": scan["age"],
+                  "volumes_ml": {k: round(v, 3) for k, v in scan["volumes_ml"].items()}, "truths": {}}
+        for truth, entry in scan["truths"].items():
+            tstem = f"{stem}_truth-{truth}"
+            tpaths = {"clean_path": paths["clean_path"], "labels_path": paths["labels_path"],
+                      "mask_path": paths["mask_path"], "field_path": f"{tstem}_field.nii.gz"}
+            if truth != "subject":
+                tpaths.update(clean_path=f"{tstem}_clean.nii.gz", labels_path=f"{tstem}_labels.nii.gz",
+                              mask_path=f"{tstem}_mask.nii.gz")
+                _write(np.round(entry["clean"]).clip(0, 32767), grid, staging / tpaths["clean_path"], sitk.sitkInt16)
+                _write(entry["labels"], grid, staging / tpaths["labels_path"], sitk.sitkUInt8)
+                _write((entry["labels"] > 0).astype(np.uint8), grid, staging / tpaths["mask_path"], sitk.sitkUInt8)
+            image = sitk.Cast(fields.field_to_sitk(entry["field"], grid), sitk.sitkVectorFloat32)
+            io.write_image(image, staging / tpaths["field_path"])
+            truth_rows.append({"subject": name, "scan": scan["scan"], "age": f"{scan['age']:.1f}", "truth": truth, **tpaths})
+            record["truths"][truth] = {
+                "min_jacobian": round(entry["min_jacobian"], 4),
+                "volumes_ml": {k: round(v, 3) for k, v in entry["volumes_ml"].items()},
+                "log_volume_change_goal": {k: round(v, 5) for k, v in entry["goals"].items()},
+                "log_volume_change_achieved": {k: round(v, 5) for k, v in entry["achieved"].items()},
+            }
+        if scan["truths"]:  # backwards-compatible keys: the 'subject' truth
+            first = record["truths"]["subject"]
+            record.update(min_jacobian=first["min_jacobian"], log_volume_change_goal=first["log_volume_change_goal"],
+                          log_volume_change_achieved=first["log_volume_change_achieved"])
+        else:
+            record.update(min_jacobian=round(scan["min_jacobian"], 4), log_volume_change_goal={},
+                          log_volume_change_achieved={})
+        plan.setdefault("scans", []).append(record)
+    plan["seconds"] = round(time.time() - t0, 1)
+    return plan, rows, truth_rows
+
+
+def _write_subject_job(job: tuple) -> tuple[dict, list[dict], list[dict]]:
+    """:func:`_write_subject` on one packed job: what the cohort engine maps over subjects."""
+    return _write_subject(*job)
 
 
 def make_phantom(out_dir: str | Path, config: PhantomConfig | None = None, bank: Bank | None = None,
                  overwrite: bool = False, log=print, cluster=None) -> Path:
     """Write a synthetic longitudinal cohort to ``out_dir`` (atomically); returns its path.
 
-    ``cluster``: a :class:`inbrainsyn.parallel.ClusterOptions` (or a ``distributed.Client``) to build
-    the subjects on Dask workers (same files as in this process: every subject is deterministic for the seed).
+    Subjects are built by :func:`inbrainsyn.parallel.map_subjects`: here, on a local Dask cluster of
+    ``config.workers`` processes, or on ``cluster`` (a :class:`inbrainsyn.parallel.ClusterOptions` or a
+    ``distributed.Client``).
     """
     from inbrainsyn import parallel
 
@@ -281,23 +517,30 @@ def make_phantom(out_dir: str | Path, config: PhantomConfig | None = None, bank:
     bank = bank or load_bank(None)
     if bank.model is None:
         raise InputError(f"bank '{bank.name}' has no atrophy_model; the phantom needs a model bank (e.g. the default bank)")
-    grid = _subject_grid(bank, config.spacing)
+    _subject_plan(0, config.seed, config, bank)  # checks the ages fit before any work
+    grid = subject_grid(bank, config.spacing, config.pad_mm)
     started = time.time()
-    rows, records = [], []
+    results = []
     with io.staged_output_dir(out_dir, overwrite) as staging:
-        jobs = {f"sub-{index:03d}": (index, bank if cluster is None else str(bank.root), grid, config, str(staging))
-                for index in range(config.subjects)}
-        outcomes = parallel.map_subjects(_write_subject, jobs, cluster)
+        indices = range(config.first_index, config.first_index + config.subjects)
+        for index in indices:
+            (staging / f"sub-{index:03d}").mkdir()
+        if cluster is None and config.workers > 1:
+            cluster = parallel.ClusterOptions(workers=config.workers, threads_per_worker=1, device="cpu")
+        # every subject is deterministic for the seed: the same files here or on any Dask worker
+        jobs = {f"sub-{i:03d}": (i, str(staging), config, None if cluster is None else str(bank.root), grid,
+                                 bank if cluster is None else None) for i in indices}
+        outcomes = parallel.map_subjects(_write_subject_job, jobs, cluster)
         failed = [o for o in outcomes.values() if o.status != "ok"]
         if failed:  # bad settings fail every subject alike: report them as the input error they are
             kind = InputError if failed[0].exit_code == InputError.exit_code else ProcessingError
             raise kind("; ".join(f"{o.key}: {o.error}" for o in failed))
-        for outcome in outcomes.values():
-            subject_rows, plan, seconds = outcome.value
-            rows.extend(subject_rows)
-            records.append(plan)
-            log(f"{plan['subject']} ({plan['group']}, {plan['baseline_age']:.1f} y): {len(plan['scans'])} scans in {seconds:.1f}s")
-        _write_csv(rows, staging / "cohort.csv")
+        for key in jobs:
+            results.append(outcomes[key].value)
+            _log_subject(results[-1][0], log)
+        records = [r[0] for r in results]
+        _write_csv([row for r in results for row in r[1]], staging / "cohort.csv", COHORT_COLUMNS)
+        _write_csv([row for r in results for row in r[2]], staging / "truths.csv", TRUTH_COLUMNS)
         io.write_json({
             "tool": "inbrainsyn", "command": "phantom",
             "bank": bank.name, "bank_path": str(bank.root),
@@ -311,37 +554,11 @@ def make_phantom(out_dir: str | Path, config: PhantomConfig | None = None, bank:
     return Path(out_dir)
 
 
-def _write_subject(job) -> tuple[list[dict], dict, float]:
-    """Build subject ``index`` and write its files into the staging folder (runs on a worker or here)."""
-    index, bank, grid, config, staging = job
-    t0 = time.time()
-    bank = bank if isinstance(bank, Bank) else load_bank(bank)
-    staging = Path(staging)
-    plan, scans = make_subject(index, bank, grid, config)
-    rows = []
-    for scan in scans:
-        stem = f"{plan['subject']}_scan-{scan['scan']}"
-        paths = {
-            "path": f"{plan['subject']}/{stem}_T1w.nii.gz",
-            "clean_path": f"{plan['subject']}/{stem}_clean.nii.gz",
-            "labels_path": f"{plan['subject']}/{stem}_labels.nii.gz",
-            "mask_path": f"{plan['subject']}/{stem}_mask.nii.gz",
-        }
-        _write(np.round(scan["image"]).clip(0, 32767), grid, staging / paths["path"], sitk.sitkInt16)
-        _write(np.round(scan["clean"]).clip(0, 32767), grid, staging / paths["clean_path"], sitk.sitkInt16)
-        _write(scan["labels"], grid, staging / paths["labels_path"], sitk.sitkUInt8)
-        _write(scan["mask"], grid, staging / paths["mask_path"], sitk.sitkUInt8)
-        rows.append({"subject": plan["subject"], "scan": scan["scan"], "age": f"{scan['age']:.1f}",
-                     "group": plan["group"],
-                     "transition_age": "" if plan["transition_age"] is None else f"{plan['transition_age']:.1f}",
-                     **paths})
-        plan.setdefault("scans", []).append({
-            "scan": scan["scan"], "age": scan["age"], "min_jacobian": round(scan["min_jacobian"], 4),
-            "volumes_ml": {k: round(v, 3) for k, v in scan["volumes_ml"].items()},
-            "log_volume_change_goal": {k: round(v, 5) for k, v in scan["goals"].items()},
-            "log_volume_change_achieved": {k: round(v, 5) for k, v in scan["achieved"].items()},
-        })
-    return rows, plan, time.time() - t0
+def _log_subject(plan: dict, log) -> None:
+    ratios = plan["anatomy"]["volume_ratio_to_template"]
+    log(f"{plan['subject']} ({plan['group']}, {plan['baseline_age']:.1f} y, input {plan['input']}): ventricles "
+        f"x{ratios['ventricles']:.2f}, hippocampus x{ratios['hippocampus']:.2f}, ICV {plan['anatomy']['icv_ml']:.0f} mL, "
+        f"non-affine {plan['anatomy']['nonlinear_displacement']['rms_mm']:.1f} mm rms; {plan['seconds']:.1f}s")
 
 
 def _write(array: np.ndarray, grid: fields.Grid, path: Path, pixel_type) -> None:
@@ -349,9 +566,9 @@ def _write(array: np.ndarray, grid: fields.Grid, path: Path, pixel_type) -> None
     io.write_image(sitk.Cast(image, pixel_type), path)
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
+def _write_csv(rows: list[dict], path: Path, columns=COHORT_COLUMNS) -> None:
     buffer = _stdio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COHORT_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     path.write_text(buffer.getvalue(), encoding="utf-8")
@@ -369,7 +586,26 @@ def read_cohort(folder: str | Path) -> list[dict]:
             row["age"] = float(row["age"])
             row["scan"] = int(row["scan"])
             row["transition_age"] = float(row["transition_age"]) if row["transition_age"] else None
-            for key in ("path", "labels_path", "mask_path", "clean_path"):
+            for key in ("path", "labels_path", "mask_path", "clean_path", "head_path"):
+                if row.get(key):
+                    row[key] = str(folder / row[key])
+            row["input"] = row.get("input") or "stripped"
+            rows.append(row)
+    return rows
+
+
+def read_truths(folder: str | Path) -> list[dict]:
+    """Rows of a phantom's ``truths.csv`` (absolute paths); empty for a phantom made before it existed."""
+    folder = Path(folder)
+    path = folder / "truths.csv"
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            row["age"] = float(row["age"])
+            row["scan"] = int(row["scan"])
+            for key in ("clean_path", "labels_path", "mask_path", "field_path"):
                 row[key] = str(folder / row[key])
             rows.append(row)
     return rows
