@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# inbrainsyn.evaluate.METHODS, spelled out so that building the parser does not import the engine
+# (Testing/test_cli_common.py checks that the two agree)
+METHODS = ("oracle", "pole", "schild", "conjugation", "half-conjugation", "untransported", "template", "copy")
+
 
 def add_parser(subparsers) -> None:
-    from inbrainsyn.evaluate import METHODS
-
     parser = subparsers.add_parser(
         "evaluate",
         help="score every method against the true follow-ups of a phantom cohort",
