@@ -331,7 +331,7 @@ def grown_ventricles_3mm():
     (atrophy solver: CSF balances), so the subject's true ventricle volume is known."""
     import math
 
-    from inbrainsyn.phantom import _resample, _subject_grid
+    from inbrainsyn.phantom import resample_to_grid, subject_grid
     from inbrainsyn.templates import atrophy
     from inbrainsyn.templates.bank import load_bank
     from inbrainsyn.templates.regions import one_hot
@@ -340,8 +340,8 @@ def grown_ventricles_3mm():
     age = bank.ages("HC")[0]
     values = sorted(bank.label_names)
     names = [bank.label_names[v] for v in values]
-    grid = _subject_grid(bank, 3.0)
-    stack = _resample(torch.cat([bank.template_tensor("HC", age)[None], one_hot(bank.labels_tensor("HC", age), values)]),
+    grid = subject_grid(bank, 3.0)
+    stack = resample_to_grid(torch.cat([bank.template_tensor("HC", age)[None], one_hot(bank.labels_tensor("HC", age), values)]),
                       bank.grid, grid)
     template, maps = stack[0], stack[1:].clamp(0, 1)
     solution = atrophy.solve_ageing_svf(maps, names, {"lateral_ventricles": math.log(2.5)}, tuple(reversed(grid.spacing)),

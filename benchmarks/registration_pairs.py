@@ -90,10 +90,10 @@ def load_bank_anatomy(bank, spacing_mm: float | None = None) -> dict:
     mask = fields.image_to_tensor(bank.mask).float()
     grid = bank.grid
     if spacing_mm is not None and abs(spacing_mm - grid.spacing[0]) > 1e-6:
-        from inbrainsyn.phantom import _resample, _subject_grid
+        from inbrainsyn.phantom import resample_to_grid, subject_grid
 
-        target = _subject_grid(bank, spacing_mm)
-        stack = _resample(torch.cat([template[None], maps, mask[None]]), grid, target)
+        target = subject_grid(bank, spacing_mm)
+        stack = resample_to_grid(torch.cat([template[None], maps, mask[None]]), grid, target)
         template, maps, mask = stack[0], stack[1:-1].clamp(0, 1), (stack[-1] > 0.5).float()
         grid = target
     return {"template": template, "maps": maps, "names": names, "mask": mask, "grid": grid, "bank": bank}

@@ -48,7 +48,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from inbrainsyn import fields, io
-from inbrainsyn.errors import InputError
+from inbrainsyn.errors import InputError, ProcessingError
 from inbrainsyn.progress import Reporter
 
 METHODS = ("oracle", "pole", "schild", "conjugation", "half-conjugation", "untransported", "template", "copy")
@@ -327,7 +327,7 @@ def evaluate_subject(scans: list[Scan], truths: list[Truth], bank, device="cpu",
 
 
 def _evaluate_subject_job(args: tuple) -> list[dict]:
-    """Process-pool entry: one thread per worker."""
+    """Cohort-engine entry (one subject on a worker): one thread per worker."""
     torch.set_num_threads(1)
     return evaluate_subject(*args)
 
@@ -586,15 +586,19 @@ def run_evaluation(phantom, outdir: Path, bank_path=None, device="auto", subject
         args = [(scans, t, bank_path if workers > 1 else bank, str(dev) if workers > 1 else dev, tuple(methods), kinds,
                  {"distance_mm": d.get("distance_mm", float("nan")), "ventricle_ratio": d.get("ventricle_ratio", float("nan"))})
                 for _, scans, t, d in jobs]
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+        if workers > 1:  # the cohort engine (inbrainsyn.parallel): a local Dask cluster, one subject per worker
+            from inbrainsyn import parallel
 
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for i, result in enumerate(pool.map(_evaluate_subject_job, args)):
-                    rows.extend(result)
-                    if reporter:
-                        reporter.progress("evaluate", (i + 1) / len(jobs), f"subject {jobs[i][0]}")
+            items = {name: a for (name, *_), a in zip(jobs, args)}
+            options = parallel.ClusterOptions(workers=workers, threads_per_worker=1, device="cpu")
+            outcomes = parallel.map_subjects(_evaluate_subject_job, items, options)
+            failed = [o for o in outcomes.values() if o.status != "ok"]
+            if failed:
+                raise ProcessingError("evaluation failed for " + "; ".join(f"{o.key}: {o.error}" for o in failed))
+            for i, name in enumerate(items):
+                rows.extend(outcomes[name].value)
+                if reporter:
+                    reporter.progress("evaluate", (i + 1) / len(jobs), f"subject {name}")
         else:
             for i, a in enumerate(args):
                 if reporter:

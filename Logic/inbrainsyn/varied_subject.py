@@ -22,7 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from inbrainsyn import fields
-from inbrainsyn.phantom import _resample, _subject_grid, acquire, random_affine_displacement, smooth_noise, synthetic_skull
+from inbrainsyn.phantom import acquire, random_affine_displacement, resample_to_grid, smooth_noise, subject_grid, synthetic_skull
 from inbrainsyn.templates import atrophy
 from inbrainsyn.templates.regions import argmax_labels, one_hot, summary_volumes_from_maps
 
@@ -46,13 +46,13 @@ def varied_subject(bank, age: float, ventricle_factor: float = 1.0, hippocampus_
     ``hippocampus_factor`` and amygdalae x ``amygdala_factor`` (default: the hippocampal factor), on a
     grid of ``spacing`` mm (default: the bank's)."""
     rng = np.random.default_rng([seed, 77])
-    grid = _subject_grid(bank, spacing)
+    grid = subject_grid(bank, spacing)
     spacing_zyx = tuple(reversed(grid.spacing))
     values = sorted(bank.label_names)
     names = [bank.label_names[v] for v in values]
     template = bank.template_tensor(cohort, age)
     labels = bank.labels_tensor(cohort, age)
-    stack = _resample(torch.cat([template[None], one_hot(labels, values)]), bank.grid, grid)
+    stack = resample_to_grid(torch.cat([template[None], one_hot(labels, values)]), bank.grid, grid)
     template, maps = stack[0], stack[1:].clamp(0, 1)
     shape = tuple(template.shape)
 

@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--truths", nargs="+", default=None, choices=["subject", "pattern"],
                         help="truths to score (default: all in the phantom)")
-    parser.add_argument("--workers", type=int, default=1, help="subjects evaluated in parallel processes (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="subjects evaluated in parallel on a local Dask cluster of N worker processes (default 1: here)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     parser.add_argument("--bank", default=None, help="template bank folder (default: the shipped bank)")
     parser.set_defaults(func=run)
