@@ -201,7 +201,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from inbrainsyn import evaluate as ev
     from inbrainsyn import io
     from inbrainsyn.daninet import data, preview
-    from inbrainsyn.daninet.evaluate import METHODS, evaluate_subject
+    from inbrainsyn.daninet.evaluate import METHODS, evaluate_subject, markdown_table
 
     model = preview.load_model(args.weights)
     scans = data.read_cohort(args.data)
@@ -229,7 +229,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         rows += evaluate_subject(model, sub_scans, masks, reference, stride, with_inbrainsyn=args.with_inbrainsyn,
                                  cache_dir=args.inbrainsyn_cache)
     summary = ev.summarise(rows, list(METHODS) + (["inbrainsyn"] if args.with_inbrainsyn else []))
-    table = ev.markdown_table(summary).replace("nan ± nan", "n/a (2D)")
+    table = markdown_table(summary)
     with io.staged_output_dir(args.output, args.overwrite) as stage:
         with open(stage / "metrics.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))

@@ -123,3 +123,17 @@ def evaluate_subject(model: DaniNet, scans: list[Scan], masks: dict[str, str | N
                          "method": m, **{key: float(np.mean([r[key] for r in per[m]])) for key in ("psnr", "ssim", "mae")},
                          "dice": float("nan"), "slices": len(per[m])})
     return rows
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """Mean ± SD of PSNR, SSIM and MAE per method (``inbrainsyn.evaluate.summarise`` entries); Dice is
+    not defined on a 2D slice prediction and shows as n/a."""
+    lines = ["| Method | PSNR (dB) | SSIM | MAE | Dice | n |", "|---|---|---|---|---|---|"]
+    for e in summary:
+        def cell(metric, digits):
+            value = e.get(metric, float("nan"))
+            return "n/a (2D)" if not np.isfinite(value) else f"{value:.{digits}f} ± {e[metric + '_sd']:.{digits}f}"
+
+        lines.append(f"| {e['method']} | {cell('psnr', 2)} | {cell('ssim', 3)} | {cell('mae', 4)} | {cell('dice', 3)} | {e['n']} |")
+    return "\n".join(lines) + "\n"
+
