@@ -31,10 +31,11 @@ def setup(tmp_path_factory):
     return folder, bank
 
 
-def synthesize(setup, name, out, *extra):
+def synthesize(setup, name, out, *extra, shipped_bank=False):
     folder, bank = setup
+    bank_args = [] if shipped_bank else ["--bank", str(bank)]
     return subprocess.run([sys.executable, "-m", "inbrainsyn", "synthesize", str(folder / f"{name}.nii.gz"), "--age", "70",
-                           "--targets", "75", "--bank", str(bank), "-o", str(out), *extra],
+                           "--targets", "75", *bank_args, "-o", str(out), *extra],
                           capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -68,8 +69,10 @@ def test_force_input_runs_and_marks_every_output(tmp_path, setup):
 
 
 def test_a_plausible_t1_passes_every_check(tmp_path, setup):
+    """On the shipped bank (its 1.5 mm grid is what the registration is tuned for; on the 4 mm test bank
+    it inflates the labelled intracranial volume to 3516 mL, past the adult range)."""
     out = tmp_path / "out"
-    proc = synthesize(setup, "demo", out, "--quiet")
+    proc = synthesize(setup, "demo", out, "--quiet", shipped_bank=True)
     assert proc.returncode == 0, proc.stderr
     checks = json.loads((out / "manifest.json").read_text())["input_checks"]
     assert checks["failed"] == [] and checks["forced"] is False
