@@ -240,6 +240,7 @@ def evaluate_subject(scans: list[Scan], truths: list[Truth], bank, device="cpu",
     request = SynthesisRequest(
         input_path=str(baseline.image), age=baseline.age, targets=[s.age for s in follow_ups], cohort=cohort,
         transition_age=transition, skull_stripped=baseline.input != "head",
+        affine_threads=1,  # one ITK thread: bit-identical results for a seed, in this process or on a worker
     )
     t0 = time.perf_counter()
     registered = register_subject(subject, request, bank, device, Reporter())
