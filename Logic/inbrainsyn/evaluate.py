@@ -556,6 +556,19 @@ def plot_report(rows: list[dict], numbers: dict, path: Path, methods=METHODS) ->
 # ------------------------------------------------------------------------------------------------
 
 
+def write_report_files(stage: Path, rows: list[dict], methods, seed: int) -> dict:
+    """``metrics.csv``, ``report.md`` and ``figure.png`` of ``rows`` in ``stage``; returns the report's numbers."""
+    report, numbers = markdown_report(rows, methods, seed)
+    with io.atomic_path(stage / "metrics.csv") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    with io.atomic_path(stage / "report.md") as tmp:
+        tmp.write_text(report)
+    plot_report(rows, numbers, stage / "figure.png", methods)
+    return numbers
+
+
 def run_evaluation(phantom, outdir: Path, bank_path=None, device="auto", subjects: int | None = None,
                    methods=METHODS, overwrite=False, reporter=None, first_subject: int = 0, truths=None,
                    workers: int = 1, seed: int = 0) -> dict:
@@ -605,14 +618,7 @@ def run_evaluation(phantom, outdir: Path, bank_path=None, device="auto", subject
                 if reporter:
                     reporter.progress("evaluate", i / len(jobs), f"subject {jobs[i][0]}")
                 rows.extend(evaluate_subject(*a))
-        report, numbers = markdown_report(rows, methods, seed)
-        with io.atomic_path(stage / "metrics.csv") as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-            writer.writeheader()
-            writer.writerows(rows)
-        with io.atomic_path(stage / "report.md") as tmp:
-            tmp.write_text(report)
-        plot_report(rows, numbers, stage / "figure.png", methods)
+        numbers = write_report_files(stage, rows, methods, seed)
         result = {"subjects": len(jobs), "follow_ups": len({(r["subject"], r["age"]) for r in rows}),
                   "seconds": round(time.perf_counter() - started, 1), **numbers}
         io.write_json({"tool": "inbrainsyn", "command": "evaluate", "phantoms": [str(f.absolute()) for f in folders],
@@ -649,14 +655,7 @@ def merge_runs(metric_files, outdir: Path, methods=METHODS, seed: int = 0, overw
         raise InputError("the metrics files overlap (the same subject, age, truth and method twice)")
     present = tuple(m for m in methods if any(r["method"] == m for r in rows))
     with io.staged_output_dir(outdir, overwrite) as stage:
-        report, numbers = markdown_report(rows, present, seed)
-        with io.atomic_path(stage / "metrics.csv") as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-            writer.writeheader()
-            writer.writerows(rows)
-        with io.atomic_path(stage / "report.md") as tmp:
-            tmp.write_text(report)
-        plot_report(rows, numbers, stage / "figure.png", present)
+        numbers = write_report_files(stage, rows, present, seed)
         result = {"subjects": len({r["subject"] for r in rows}), "follow_ups": len({(r["subject"], r["age"]) for r in rows}),
                   **numbers}
         io.write_json({"tool": "inbrainsyn", "command": "evaluate-merge", "inputs": [str(Path(p).absolute()) for p in metric_files],
