@@ -21,6 +21,15 @@ import time
 from pathlib import Path
 
 
+def use_demo_subject_by_default(args) -> None:
+    """Without ``--input``: the shipped demo subject and its age (shared with profile_synthesize.py)."""
+    if args.input is None:
+        from inbrainsyn.cli.demo_cmd import demo_subject
+
+        image, info = demo_subject()
+        args.input, args.age = str(image), args.age or float(info["age"])
+
+
 def one_run(args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "inbrainsyn", "synthesize", args.input, "--age", str(args.age), "--targets",
            *map(str, args.targets), "--cohort", args.cohort, "--device", args.device, "--quiet", "-o", str(out)]
@@ -44,11 +53,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the summary and every run to this file")
     args = parser.parse_args()
-    if args.input is None:
-        from inbrainsyn.cli.demo_cmd import demo_subject
-
-        image, info = demo_subject()
-        args.input, args.age = str(image), args.age or float(info["age"])
+    use_demo_subject_by_default(args)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):

@@ -87,11 +87,9 @@ def main() -> int:
             super().progress(stage, fraction, message)
             recorder.enter(stage)
 
-    if args.input is None:
-        from inbrainsyn.cli.demo_cmd import demo_subject
+    from bench_synthesize import use_demo_subject_by_default  # this folder is on sys.path when run as a script
 
-        image, info = demo_subject()
-        args.input, args.age = str(image), args.age or float(info["age"])
+    use_demo_subject_by_default(args)
     request = SynthesisRequest(input_path=args.input, age=args.age, targets=list(args.targets), cohort=args.cohort,
                                device=args.device)
     profiler = None
