@@ -2,6 +2,10 @@
 """Rebuild the default template bank (same as ``inbrainsyn bank build``).
 
     python tools/build_default_bank.py [--out Resources/bank/default] [--spacing 1.5]
+    python tools/build_default_bank.py --midpoints-only [--out Resources/bank/default]
+
+``--midpoints-only`` adds (or redoes) the ``ageing_midpoints`` of an existing bank without touching its
+templates, labels, mask or stored pieces (``default_bank.add_ageing_midpoints``, about 2 min).
 
 Needs nilearn (MNI152 2009a maps) and the AAL atlas of Debian's mricron-data unpacked at
 /tmp/mricron (``apt-get download mricron-data && dpkg-deb -x mricron-data_*.deb /tmp/mricron``).
@@ -21,4 +25,9 @@ if __name__ == "__main__":
         i = args.index("--out")
         out = args[i + 1]
         del args[i:i + 2]
+    if "--midpoints-only" in args:
+        from inbrainsyn.templates.default_bank import add_ageing_midpoints
+
+        add_ageing_midpoints(out)
+        sys.exit(0)
     sys.exit(main(["bank", "build", "-o", out, "--overwrite", *args]))

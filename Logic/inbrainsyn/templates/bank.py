@@ -15,6 +15,8 @@ A bank is a folder holding ``bank.json`` and image files on ONE common grid::
       "svfs": [{"cohort": "HC", "age_from": 55, "age_to": 65, "file": "svf_HC_055_065.nii.gz"}],  # optional
       "ageing_svfs": [{"cohort": "AD", "age_from": 55, "age_to": 65, "file": "ageing_AD_055_065.nii.gz",
                        "scale": 0.002}],           # optional
+      "ageing_midpoints": [{"cohort": "AD", "age_from": 55, "age_to": 65, "file": "ageing_mid_AD_055_065.nii.gz",
+                            "scale": 0.002}],      # optional, one per ageing piece
       "atrophy_model": {...}                      # optional (model banks such as the default one)
     }
 
@@ -27,6 +29,15 @@ Two kinds of SVF between consecutive listed ages (each ``template(a0) o exp(u)``
   the two coincide; for AD they differ: the AD template at each age is a typical mild-to-moderate
   AD patient of that age (a cross-section), while one patient ageing from a0 to a1 follows the
   longitudinal AD rates (the default model bank stores both).
+
+``ageing_midpoints`` (optional) make ages between listed ones accurate: for an ageing piece ``u``
+(age_from -> age_to, span T) the file holds ``d = u_half - u / 2``, where ``u_half`` is the ageing from
+``template(age_from)`` over the first T / 2 years (solved, not scaled).  The ageing over a fraction
+``s`` of the piece is then ``u(s) = s u + 4 s (1 - s) d`` (the quadratic in ``s`` through 0, ``u_half``
+and ``u``) instead of ``s u``; an interval from fraction ``s0`` to ``s1`` of one piece is
+``log(exp(-u(s0)) o exp(u(s1)))`` (BCH, order 2).  Scaling a piece by time alone misses thin regions
+with small goals by up to ~30 % of the goal (the solve is not linear in ``u``, and accelerating rates
+are not linear in time); see docs/templates.md section 7.
 
 A stored field may lie on a coarser grid spanning the same box (same origin, direction and corner
 voxel centres) and may be an integer image whose values times ``scale`` are mm; it is resampled to
@@ -229,7 +240,8 @@ def validate_bank(root: Path, data: dict) -> dict:
     # optional SVFs (template path and individual ageing)
     svfs: dict[tuple[str, float, float], tuple[Path, float]] = {}
     ageing_svfs: dict[tuple[str, float, float], tuple[Path, float]] = {}
-    for key_name, target in (("svfs", svfs), ("ageing_svfs", ageing_svfs)):
+    midpoints: dict[tuple[str, float, float], tuple[Path, float]] = {}
+    for key_name, target in (("svfs", svfs), ("ageing_svfs", ageing_svfs), ("ageing_midpoints", midpoints)):
         for i, item in enumerate(data.get(key_name, []) or []):
             tag = f"{key_name}[{i}]"
             if not isinstance(item, dict) or not {"cohort", "age_from", "age_to", "file"} <= set(item):
@@ -254,6 +266,10 @@ def validate_bank(root: Path, data: dict) -> dict:
             if path is not None and a0 is not None and a1 is not None:
                 target[(item["cohort"], a0, a1)] = (path, float(svf_scale))
 
+    for key in midpoints:
+        if key not in (ageing_svfs or svfs):
+            problems.append(f"ageing_midpoints: {key[0]} {key[1]:g}->{key[2]:g} has no ageing piece "
+                            f"({'ageing_svfs' if ageing_svfs else 'svfs'}) to refine")
     if problems:
         raise InputError(_problem_text(where, problems))
 
@@ -270,7 +286,7 @@ def validate_bank(root: Path, data: dict) -> dict:
         diff = _grid_difference(_grid_of(reader), reference)
         if diff:
             problems.append(f"{tag} ({path.name}): grid differs from the mask's ({diff}); resample all files to one grid")
-    for key, (path, _scale) in list(svfs.items()) + list(ageing_svfs.items()):
+    for key, (path, _scale) in list(svfs.items()) + list(ageing_svfs.items()) + list(midpoints.items()):
         reader = _header(path)
         if reader.GetNumberOfComponents() != 3:
             problems.append(f"svf {key} ({path.name}): must be a displacement-field image with 3 components")
@@ -291,7 +307,7 @@ def validate_bank(root: Path, data: dict) -> dict:
     if problems:
         raise InputError(_problem_text(where, problems))
     return {"entries": entries, "label_names": label_names, "grid": reference, "svfs": svfs, "ageing_svfs": ageing_svfs,
-            "model": model,
+            "ageing_midpoints": midpoints, "model": model,
             "mask": mask, "labels": labels, "scale": float(scale) if scale is not None else None}
 
 
@@ -330,6 +346,7 @@ class Bank:
         self.intensity_scale: float | None = parsed["scale"]
         self._svf_files: dict[tuple[str, float, float], tuple[Path, float]] = parsed["svfs"]
         self._ageing_files: dict[tuple[str, float, float], tuple[Path, float]] = parsed.get("ageing_svfs", {})
+        self._midpoint_files: dict[tuple[str, float, float], tuple[Path, float]] = parsed.get("ageing_midpoints", {})
         self._mask_path: Path = parsed["mask"]
         self._labels_path: Path = parsed["labels"]
         self._images: dict[Path, sitk.Image] = {}
@@ -521,18 +538,45 @@ class Bank:
         return self._svf_cache[path]
 
     def _stored_segments(self, cohort: str, a0: float, a1: float, files=None) -> list[torch.Tensor]:
-        """Pieces ``s_k u_k`` of the stored consecutive SVFs covering a0 -> a1 (a0 < a1)."""
+        """Velocities of the parts of the stored consecutive pieces covering a0 -> a1 (a0 < a1).
+
+        The part of a piece ``u`` between fractions ``s0 < s1`` is ``s1 u - s0 u`` without a midpoint, and
+        ``log(exp(-u(s0)) o exp(u(s1)))`` with one (``u(s) = s u + 4 s (1 - s) d``, module docstring).
+        """
+        files = self._svf_files if files is None else files
+        midpoints = self._midpoint_files if files is (self._ageing_files or self._svf_files) else {}
         entries = self._entries(cohort)
         pieces = []
         for lower, upper in zip(entries[:-1], entries[1:]):
             lo, hi = max(a0, lower.age), min(a1, upper.age)
             if hi - lo <= AGE_TOLERANCE:
                 continue
-            stored = (self._svf_files if files is None else files).get((cohort, lower.age, upper.age))
+            key = (cohort, lower.age, upper.age)
+            stored = files.get(key)
             if stored is None:
                 raise ProcessingError(f"bank '{self.name}' has no stored SVF for {cohort} {lower.age:g}->{upper.age:g}; "
                                       "add it to 'svfs' or remove all 'svfs' so templates are registered")
-            pieces.append(self._stored(stored) * ((hi - lo) / (upper.age - lower.age)))
+            span = upper.age - lower.age
+            s0, s1 = (lo - lower.age) / span, (hi - lower.age) / span
+            u = self._stored(stored)
+            mid = midpoints.get(key)
+            if mid is None:
+                pieces.append(u * (s1 - s0))
+                continue
+            d = self._stored(mid)
+
+            def at(s: float) -> torch.Tensor:
+                return u * s + d * (4.0 * s * (1.0 - s)) if AGE_TOLERANCE < s < 1.0 - AGE_TOLERANCE else u * s
+
+            if s0 <= AGE_TOLERANCE:
+                pieces.append(at(s1))
+            elif self._svf_files.get(key, (None,))[0] == stored[0]:
+                # the ageing is the template path (HC): template(a0) lies on it, so take the path's difference
+                pieces.append(fields.bch(-at(s0), at(s1), order=2))
+            else:
+                # the ageing leaves the template path (AD: template(a0) is the HC-like path, not AD(lower) aged
+                # at AD rates): age template(a0) like the listed template over the same span (fresh start)
+                pieces.append(at(s1 - s0))
         return pieces
 
     def _stored_path_svf(self, cohort: str, age_from: float, age_to: float, transition_age, files=None) -> torch.Tensor:
