@@ -31,7 +31,7 @@ def make_small_bank(folder: Path, spacing: float = 4.0) -> Path:
     # Stored SVFs (template-to-template and ageing) live on their own grids, which a resampled bank
     # would no longer match: the small bank takes its ageing from the bank's atrophy model instead
     # (solved at run time, cheap at this spacing).
-    stored = {entry["file"] for key in ("svfs", "ageing_svfs") for entry in data.pop(key, [])}
+    stored = {entry["file"] for key in ("svfs", "ageing_svfs", "ageing_midpoints", "conversion_svfs") for entry in data.pop(key, [])}
     for path in source.glob("*.nii.gz"):
         if path.name in stored:
             continue

@@ -281,3 +281,67 @@ def test_conversion_follows_hc_then_ad(bank):
     hipp = (labels == {n: v for v, n in bank.label_names.items()}["hippocampus"]).float()
     change = {k: float(fields.warp(hipp, fields.exp(u)).sum() / hipp.sum()) for k, u in (("hc", hc), ("ad", ad), ("c", conv))}
     assert change["ad"] < change["c"] < change["hc"] < 1.0
+
+
+def test_ageing_midpoints_make_ages_between_stored_pieces_meet_the_model(tmp_path):
+    """Scaling a stored 10-year piece by time misses regions with small goals (the solve is not linear in
+    u, and accelerating rates are not linear in time); the bank's ageing midpoint (the first half solved,
+    stored as its difference from half the piece) makes 6 of 10 years meet every region's goal (at 4 mm:
+    worst 8 % of the goal with it, 18 % without)."""
+    from small_bank import make_small_bank
+
+    from inbrainsyn.templates import default_bank
+
+    root = make_small_bank(tmp_path / "small", spacing=4.0)  # the default bank's anatomy at 4 mm, no stored fields
+    bank = load_bank(root)
+    entry = next(e for e in bank.entries["AD"] if e.age == 65.0)
+    values = sorted(bank.label_names)
+    maps = one_hot(bank._listed_labels(entry).long(), values)
+    names = [bank.label_names[v] for v in values]
+    u = default_bank.solve(maps, names, bank.model.targets("AD", 65, 75), bank.spacing_zyx, bank.model, "AD 65->75", {},
+                           log=lambda *_: None)
+    default_bank.write_compact_svf(u, bank.grid, root / "ad.nii.gz")
+    edit_json(root, lambda d: d.update(ageing_svfs=[{"cohort": "AD", "age_from": 65, "age_to": 75,
+                                                     "scale": default_bank.SVF_SCALE_MM, "file": "ad.nii.gz"}]))
+    default_bank.add_ageing_midpoints(root, log=lambda *_: None)
+    bank = load_bank(root)
+    assert ("AD", 65.0, 75.0) in bank._midpoint_files
+    goals = bank.model.targets("AD", 65, 71)
+    rated = {v: n for v, n in bank.label_names.items() if n in goals}
+
+    def worst_relative_error() -> float:
+        bank._svf_cache.clear()
+        disp = fields.exp(bank.ageing_svf("AD", 65, 71))
+        assert float(fields.jacobian_determinant(disp).min()) > 0
+        after = fields.warp(maps, disp).sum(dim=(1, 2, 3))
+        before = maps.sum(dim=(1, 2, 3))
+        return max(abs(math.log(float(after[i] / before[i])) / goals[rated[v]] - 1)
+                   for i, v in enumerate(values) if v in rated)
+
+    refined = worst_relative_error()
+    bank._midpoint_files = {}  # the loader before midpoints: the piece scaled by 0.6
+    scaled = worst_relative_error()
+    assert refined <= 0.10 < scaled, (refined, scaled)
+
+
+@pytest.mark.parametrize("cohort,age_from,age_to,transition", [("AD", 72, 78, None), ("AD", 62, 69, None),
+                                                               ("AD", 65, 75, 70)])
+def test_shipped_bank_meets_the_model_between_its_stored_pieces(bank, cohort, age_from, age_to, transition):
+    """Off-grid intervals and a converter on the shipped bank: every rated region within 10 % of its goal or
+    0.005 in log-volume (0.5 % of its volume: the anatomy at an off-grid age is itself only defined to about
+    that in a thin parcel, its nearest-neighbour and partial-volume maps differ by up to ~0.005), no folding.
+    Pieces scaled by time alone gave occipital 0.69 (72 -> 78) and 0.70 (62 -> 69) of its goal; the
+    converter without conversion_svfs reached 0.56 of the occipital, 0.64 of the basal ganglia and 1.12 of
+    the ventricles' goal."""
+    values = sorted(bank.label_names)
+    maps = one_hot(bank.labels_tensor("HC" if transition else cohort, age_from).long(), values)
+    disp = fields.exp(bank.ageing_svf(cohort, age_from, age_to, transition_age=transition))
+    assert float(fields.jacobian_determinant(disp).min()) > 0
+    after = fields.warp(maps, disp).sum(dim=(1, 2, 3))
+    before = maps.sum(dim=(1, 2, 3))
+    goals = bank.model.targets(cohort, age_from, age_to, transition)
+    for i, v in enumerate(values):
+        name = bank.label_names[v]
+        if name in goals:
+            got = math.log(float(after[i] / before[i]))
+            assert abs(got - goals[name]) <= max(0.10 * abs(goals[name]), 0.005), (name, got, goals[name])

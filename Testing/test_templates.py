@@ -386,11 +386,17 @@ def test_default_bank_ageing_svf_reaches_prescribed_changes_on_warped_labels(coh
     measured = warped_label_log_changes(labels, disp, values)
     targets = bank.model.targets(cohort, 70, 80)
     by_name = {n: v for v, n in bank.label_names.items()}
+    if cohort == "AD":
+        # the ventricles grow linearly in volume from an interval's start, which does not compose: AD ageing
+        # across the listed age 75 starts afresh there (70 -> 75 from AD(70), 75 -> 80 from AD(75)), so its
+        # prescription is the two segments' (+96 % instead of +80 %; docs/templates.md section 7)
+        targets["lateral_ventricles"] = sum(bank.model.log_volume_change("lateral_ventricles", "AD", a, b)
+                                            for a, b in ((70, 75), (75, 80)))
     for region in PRESCRIBED:
         got = measured[by_name[region]]
-        # 70 is between listed ages: its labels are nearest-neighbour warped and u is made of fractions of
-        # two stored pieces, so thin regions with small goals are off by up to ~12 % of the goal; allow 10 %
-        # of the goal or 0.01 in log-volume (1 % of the region's volume), whichever is larger
+        # 70 is between listed ages: its labels are nearest-neighbour warped and u is made of (midpoint-
+        # interpolated) fractions of two stored pieces; allow 10 % of the goal or 0.01 in log-volume (1 % of
+        # the region's volume), whichever is larger
         tolerance = max(0.10 * abs(targets[region]), 0.01)
         assert abs(got - targets[region]) <= tolerance, (region, got, targets[region])
     # the summary helper used by the pipeline agrees with the per-label measurement

@@ -10,7 +10,7 @@ the change of our HC templates 60 -> 90 measured on the bank.  Writes the figure
 atrophy map (local volume change, %) of HC and AD at 70 on the template, three planes, one colour scale.
 ``--offgrid`` adds the accuracy of ageing between the stored pieces (achieved vs prescribed regional
 change on a grid of HC, AD and converter intervals of 2-10 years), with and without the bank's
-``ageing_midpoints`` (about 10 min on 2 cores).
+``ageing_midpoints`` and ``conversion_svfs`` (about 10 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def offgrid_accuracy(bank, cases=None, variants=("pieces scaled by time", "with 
     Achieved: the anatomy at ``a0`` (one-hot maps of ``bank.labels_tensor``: nearest-neighbour labels, "nn";
     and the listed template's one-hot maps warped trilinearly along the template path: partial volumes, "pv")
     warped trilinearly by ``exp(bank.ageing_svf(...))``.  Variant "pieces scaled by time" disables the bank's
-    ``ageing_midpoints`` (the loader before them).  Returns one row per case, variant and region.
+    ``ageing_midpoints`` and ``conversion_svfs`` (the loader before them).  Returns one row per case, variant
+    and region.
     """
     import torch
 
@@ -140,7 +141,7 @@ def offgrid_accuracy(bank, cases=None, variants=("pieces scaled by time", "with 
     values = sorted(bank.label_names)
     names = [bank.label_names[v] for v in values]
     rated = set(bank.model.regions)
-    midpoints = dict(bank._midpoint_files)
+    midpoints, conversions = dict(bank._midpoint_files), dict(bank._conversion_files)
     rows = []
     for cohort, a0, a1, x in cases or offgrid_cases():
         start = "HC" if x is not None else cohort
@@ -152,6 +153,7 @@ def offgrid_accuracy(bank, cases=None, variants=("pieces scaled by time", "with 
         goals = bank.model.targets(cohort, a0, a1, x)
         for variant in variants:
             bank._midpoint_files = midpoints if variant == "with midpoints" else {}
+            bank._conversion_files = conversions if variant == "with midpoints" else {}
             bank._svf_cache = {k: v for k, v in bank._svf_cache.items() if not (isinstance(k, tuple) and len(k) == 4)}
             disp = fields.exp(bank.ageing_svf(cohort, a0, a1, transition_age=x))
             min_j = float(fields.jacobian_determinant(disp).min())
@@ -163,7 +165,7 @@ def offgrid_accuracy(bank, cases=None, variants=("pieces scaled by time", "with 
                         rows.append({"cohort": cohort if x is None else f"HC->AD at {x:g}", "a0": a0, "a1": a1,
                                      "variant": variant, "anatomy": anatomy, "region": name, "goal": goals[name],
                                      "achieved": float(torch.log(a / b)), "min_jacobian": min_j})
-    bank._midpoint_files = midpoints
+    bank._midpoint_files, bank._conversion_files = midpoints, conversions
     return rows
 
 

@@ -4,8 +4,9 @@
     python tools/build_default_bank.py [--out Resources/bank/default] [--spacing 1.5]
     python tools/build_default_bank.py --midpoints-only [--out Resources/bank/default]
 
-``--midpoints-only`` adds (or redoes) the ``ageing_midpoints`` of an existing bank without touching its
-templates, labels, mask or stored pieces (``default_bank.add_ageing_midpoints``, about 2 min).
+``--midpoints-only`` adds (or redoes) the ``ageing_midpoints`` and ``conversion_svfs`` of an existing bank
+without touching its templates, labels, mask or stored pieces (``default_bank.add_ageing_midpoints``,
+``add_conversion_svfs``; about 3 min).
 
 Needs nilearn (MNI152 2009a maps) and the AAL atlas of Debian's mricron-data unpacked at
 /tmp/mricron (``apt-get download mricron-data && dpkg-deb -x mricron-data_*.deb /tmp/mricron``).
@@ -26,8 +27,9 @@ if __name__ == "__main__":
         out = args[i + 1]
         del args[i:i + 2]
     if "--midpoints-only" in args:
-        from inbrainsyn.templates.default_bank import add_ageing_midpoints
+        from inbrainsyn.templates.default_bank import add_ageing_midpoints, add_conversion_svfs
 
         add_ageing_midpoints(out)
+        add_conversion_svfs(out)
         sys.exit(0)
     sys.exit(main(["bank", "build", "-o", out, "--overwrite", *args]))

@@ -17,6 +17,8 @@ A bank is a folder holding ``bank.json`` and image files on ONE common grid::
                        "scale": 0.002}],           # optional
       "ageing_midpoints": [{"cohort": "AD", "age_from": 55, "age_to": 65, "file": "ageing_mid_AD_055_065.nii.gz",
                             "scale": 0.002}],      # optional, one per ageing piece
+      "conversion_svfs": [{"cohort": "AD", "age_from": 55, "age_to": 65, "file": "conversion_055_065.nii.gz",
+                           "scale": 0.002}],       # optional: HC template aged at AD rates, minus the AD piece
       "atrophy_model": {...}                      # optional (model banks such as the default one)
     }
 
@@ -34,10 +36,18 @@ Two kinds of SVF between consecutive listed ages (each ``template(a0) o exp(u)``
 (age_from -> age_to, span T) the file holds ``d = u_half - u / 2``, where ``u_half`` is the ageing from
 ``template(age_from)`` over the first T / 2 years (solved, not scaled).  The ageing over a fraction
 ``s`` of the piece is then ``u(s) = s u + 4 s (1 - s) d`` (the quadratic in ``s`` through 0, ``u_half``
-and ``u``) instead of ``s u``; an interval from fraction ``s0`` to ``s1`` of one piece is
-``log(exp(-u(s0)) o exp(u(s1)))`` (BCH, order 2).  Scaling a piece by time alone misses thin regions
+and ``u``) instead of ``s u``.  An interval from fraction ``s0`` to ``s1`` of one piece is
+``u(s1) - u(s0)`` (``log(exp(-u(s0)) o exp(u(s1)))`` without its small bracket) when the ageing is the
+template path (HC: ``template(a0)`` lies on it), and ``u(s1 - s0)`` otherwise (AD: ``template(a0)``
+follows the HC-like template path, so it is aged like the listed template over the same span).  Scaling a piece by time alone misses thin regions
 with small goals by up to ~30 % of the goal (the solve is not linear in ``u``, and accelerating rates
 are not linear in time); see docs/templates.md section 7.
+
+``conversion_svfs`` (optional) serve HC -> AD converters: the file holds ``c = u_conv - u_AD``, where
+``u_conv`` is the HC template at age_from aged at the AD rates over the piece and ``u_AD`` the AD ageing
+piece (solved on the AD template, whose hippocampus is smaller and ventricles larger).  After the
+conversion age the loader ages along ``u_AD + c``; without them the AD pieces are applied to the HC
+anatomy (ventricles then grow up to 30 % too much and the medial temporal lobe shrinks 20 % too little).
 
 A stored field may lie on a coarser grid spanning the same box (same origin, direction and corner
 voxel centres) and may be an integer image whose values times ``scale`` are mm; it is resampled to
@@ -241,7 +251,9 @@ def validate_bank(root: Path, data: dict) -> dict:
     svfs: dict[tuple[str, float, float], tuple[Path, float]] = {}
     ageing_svfs: dict[tuple[str, float, float], tuple[Path, float]] = {}
     midpoints: dict[tuple[str, float, float], tuple[Path, float]] = {}
-    for key_name, target in (("svfs", svfs), ("ageing_svfs", ageing_svfs), ("ageing_midpoints", midpoints)):
+    conversions: dict[tuple[str, float, float], tuple[Path, float]] = {}
+    for key_name, target in (("svfs", svfs), ("ageing_svfs", ageing_svfs), ("ageing_midpoints", midpoints),
+                             ("conversion_svfs", conversions)):
         for i, item in enumerate(data.get(key_name, []) or []):
             tag = f"{key_name}[{i}]"
             if not isinstance(item, dict) or not {"cohort", "age_from", "age_to", "file"} <= set(item):
@@ -266,9 +278,9 @@ def validate_bank(root: Path, data: dict) -> dict:
             if path is not None and a0 is not None and a1 is not None:
                 target[(item["cohort"], a0, a1)] = (path, float(svf_scale))
 
-    for key in midpoints:
+    for key in list(midpoints) + list(conversions):
         if key not in (ageing_svfs or svfs):
-            problems.append(f"ageing_midpoints: {key[0]} {key[1]:g}->{key[2]:g} has no ageing piece "
+            problems.append(f"ageing_midpoints/conversion_svfs: {key[0]} {key[1]:g}->{key[2]:g} has no ageing piece "
                             f"({'ageing_svfs' if ageing_svfs else 'svfs'}) to refine")
     if problems:
         raise InputError(_problem_text(where, problems))
@@ -286,7 +298,8 @@ def validate_bank(root: Path, data: dict) -> dict:
         diff = _grid_difference(_grid_of(reader), reference)
         if diff:
             problems.append(f"{tag} ({path.name}): grid differs from the mask's ({diff}); resample all files to one grid")
-    for key, (path, _scale) in list(svfs.items()) + list(ageing_svfs.items()) + list(midpoints.items()):
+    for key, (path, _scale) in list(svfs.items()) + list(ageing_svfs.items()) + list(midpoints.items()) \
+            + list(conversions.items()):
         reader = _header(path)
         if reader.GetNumberOfComponents() != 3:
             problems.append(f"svf {key} ({path.name}): must be a displacement-field image with 3 components")
@@ -307,7 +320,7 @@ def validate_bank(root: Path, data: dict) -> dict:
     if problems:
         raise InputError(_problem_text(where, problems))
     return {"entries": entries, "label_names": label_names, "grid": reference, "svfs": svfs, "ageing_svfs": ageing_svfs,
-            "ageing_midpoints": midpoints, "model": model,
+            "ageing_midpoints": midpoints, "conversion_svfs": conversions, "model": model,
             "mask": mask, "labels": labels, "scale": float(scale) if scale is not None else None}
 
 
@@ -347,6 +360,7 @@ class Bank:
         self._svf_files: dict[tuple[str, float, float], tuple[Path, float]] = parsed["svfs"]
         self._ageing_files: dict[tuple[str, float, float], tuple[Path, float]] = parsed.get("ageing_svfs", {})
         self._midpoint_files: dict[tuple[str, float, float], tuple[Path, float]] = parsed.get("ageing_midpoints", {})
+        self._conversion_files: dict[tuple[str, float, float], tuple[Path, float]] = parsed.get("conversion_svfs", {})
         self._mask_path: Path = parsed["mask"]
         self._labels_path: Path = parsed["labels"]
         self._images: dict[Path, sitk.Image] = {}
@@ -477,8 +491,9 @@ class Bank:
         With ``transition_age`` (HC -> AD conversion): HC ageing from ``age_from`` to the transition, then
         AD ageing to ``age_to``, starting from the HC template at ``age_from``.  Banks with stored
         ``ageing_svfs`` (the default bank) or ``svfs`` compose the HC and AD pieces with the second-order
-        BCH formula, treating the AD template at the transition age as if it coincided with the HC one
-        (approximation: the cross-cohort offset between the templates is not included).  Model banks
+        BCH formula; after the transition the AD pieces are corrected by ``conversion_svfs`` when the bank
+        has them (the HC anatomy aged at AD rates), otherwise they are applied to the HC anatomy as if the
+        AD template coincided with the HC one (approximation: the cross-cohort offset is not included).  Model banks
         without stored fields integrate the rates piecewise and solve once on the HC template's labels.
         Otherwise the templates are registered: HC(age_from) to AD(age_to).
         """
@@ -537,11 +552,11 @@ class Bank:
             self._svf_cache[path] = field
         return self._svf_cache[path]
 
-    def _stored_segments(self, cohort: str, a0: float, a1: float, files=None) -> list[torch.Tensor]:
+    def _stored_segments(self, cohort: str, a0: float, a1: float, files=None, converter: bool = False) -> list[torch.Tensor]:
         """Velocities of the parts of the stored consecutive pieces covering a0 -> a1 (a0 < a1).
 
-        The part of a piece ``u`` between fractions ``s0 < s1`` is ``s1 u - s0 u`` without a midpoint, and
-        ``log(exp(-u(s0)) o exp(u(s1)))`` with one (``u(s) = s u + 4 s (1 - s) d``, module docstring).
+        The part of a piece ``u`` between fractions ``s0 < s1`` is ``(s1 - s0) u`` without a midpoint, and
+        ``u(s1) - u(s0)`` or ``u(s1 - s0)`` with one (``u(s) = s u + 4 s (1 - s) d``, module docstring).
         """
         files = self._svf_files if files is None else files
         midpoints = self._midpoint_files if files is (self._ageing_files or self._svf_files) else {}
@@ -559,6 +574,8 @@ class Bank:
             span = upper.age - lower.age
             s0, s1 = (lo - lower.age) / span, (hi - lower.age) / span
             u = self._stored(stored)
+            if converter and key in self._conversion_files:  # the AD rates on the HC anatomy
+                u = u + self._stored(self._conversion_files[key])
             mid = midpoints.get(key)
             if mid is None:
                 pieces.append(u * (s1 - s0))
@@ -572,7 +589,9 @@ class Bank:
                 pieces.append(at(s1))
             elif self._svf_files.get(key, (None,))[0] == stored[0]:
                 # the ageing is the template path (HC): template(a0) lies on it, so take the path's difference
-                pieces.append(fields.bch(-at(s0), at(s1), order=2))
+                # log(exp(-u(s0)) o exp(u(s1))) = u(s1) - u(s0) - [u(s0), u(s1)] / 2 + ...; the bracket is
+                # (s0 c1 - s1 c0) [u, d] with the small d, negligible (and 2 s of gradients under load)
+                pieces.append(at(s1) - at(s0))
             else:
                 # the ageing leaves the template path (AD: template(a0) is the HC-like path, not AD(lower) aged
                 # at AD rates): age template(a0) like the listed template over the same span (fresh start)
@@ -587,7 +606,8 @@ class Bank:
             legs = [("HC", age_from, transition_age), ("AD", transition_age, age_to)]
         pieces = []
         for leg_cohort, a, b in legs:
-            forward = self._stored_segments(leg_cohort, min(a, b), max(a, b), files)
+            forward = self._stored_segments(leg_cohort, min(a, b), max(a, b), files,
+                                            converter=transition_age is not None and leg_cohort == "AD")
             pieces += forward if b >= a else [-p for p in reversed(forward)]
         total = pieces[0]
         for piece in pieces[1:]:

@@ -33,7 +33,9 @@ intracranial volume and leaves everything outside it still):
 
 * ``ageing_midpoints``: for every ageing piece, the ageing over its first 5 years solved on the same
   template, stored as its difference from half the piece (:func:`add_ageing_midpoints`); the loader
-  interpolates pieces quadratically in time with it, so ages between listed ones meet the model.
+  interpolates pieces quadratically in time with it, so ages between listed ones meet the model;
+* ``conversion_svfs``: HC(a) aged 10 years at the AD rates, stored as its difference from the AD piece
+  (:func:`add_conversion_svfs`): what an HC -> AD converter does after the conversion.
 
 Stored SVFs lie on a ~3 mm grid spanning the bank's box, as int16 (``scale`` mm per unit).
 """
@@ -356,6 +358,7 @@ def build_default_bank(out_dir: Path, mni_dir: Path | None = None, aal_path: Pat
     }
     io.write_json(bank, out_dir / "bank.json")
     add_ageing_midpoints(out_dir, log=log)
+    add_conversion_svfs(out_dir, log=log)
     log(f"bank written to {out_dir} in {time.time() - start:.1f}s")
     return out_dir
 
@@ -394,5 +397,42 @@ def add_ageing_midpoints(bank_dir: Path, log=print) -> Path:
     data.setdefault("provenance", {})["ageing_midpoints"] = (
         "per ageing piece: the model solved over its first half on the same template, stored as its difference "
         "from half the piece; the loader interpolates each piece quadratically in time (docs/templates.md section 7)")
+    io.write_json(data, bank_dir / "bank.json")
+    return bank_dir
+
+
+def add_conversion_svfs(bank_dir: Path, log=print) -> Path:
+    """Solve HC(a0) aged at the AD rates over every AD ageing piece and add ``conversion_svfs`` to ``bank_dir``.
+
+    Stored as ``c = u_conv - u_AD`` (small where the HC and AD templates agree: ~0.2 MB per piece); the
+    loader ages an HC -> AD converter along ``u_AD + c`` after the conversion age.  Templates, labels, mask
+    and the other stored fields are not touched.
+    """
+    from inbrainsyn import io
+    from inbrainsyn.templates.bank import load_bank
+
+    bank_dir = Path(bank_dir)
+    bank = load_bank(bank_dir)
+    if bank.model is None or not bank._ageing_files:
+        raise InputError(f"{bank_dir}: conversion pieces need an atrophy_model and stored ageing_svfs")
+    values = sorted(bank.label_names)
+    names = [bank.label_names[v] for v in values]
+    data = json.loads((bank_dir / "bank.json").read_text(encoding="utf-8"))
+    checks = data.setdefault("build_checks_log_volume_change", {})
+    pieces = []
+    for (cohort, a0, a1), stored in sorted(bank._ageing_files.items()):
+        if cohort != "AD":
+            continue
+        entry = next(e for e in bank.entries["HC"] if abs(e.age - a0) < 1e-6)
+        maps = one_hot(bank._listed_labels(entry).long(), values)
+        u_conv = solve(maps, names, bank.model.targets("AD", a0, a1), bank.spacing_zyx, bank.model,
+                       f"HC template at {a0:g} aged at AD rates to {a1:g}", checks, log)
+        name = f"conversion_{a0:03.0f}_{a1:03.0f}.nii.gz"
+        write_compact_svf(u_conv - bank._stored(stored), bank.grid, bank_dir / name)
+        pieces.append({"cohort": "AD", "age_from": a0, "age_to": a1, "scale": SVF_SCALE_MM, "file": name})
+    data["conversion_svfs"] = pieces
+    data.setdefault("provenance", {})["conversion_svfs"] = (
+        "per AD ageing piece: the HC template at its start aged at the AD rates (an HC -> AD converter), stored "
+        "as its difference from the AD piece (docs/templates.md section 7)")
     io.write_json(data, bank_dir / "bank.json")
     return bank_dir
