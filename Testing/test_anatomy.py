@@ -173,7 +173,7 @@ def _run(image, age, target, cohort, bank_root, out):
 @pytest.fixture(scope="module")
 def coarse_runs(coarse_bank, tmp_path_factory):
     """A subject with skull, ventricles x2 and hippocampi x0.7, run as HC and as AD."""
-    from inbrainsyn.varied_subject import varied_subject
+    from inbrainsyn.phantom import varied_subject
 
     root, bank = coarse_bank
     subject = varied_subject(bank, 70.0, ventricle_factor=2.0, hippocampus_factor=0.7, seed=5, skull=True,

@@ -385,3 +385,28 @@ def test_a_folding_registration_is_redone_with_more_smoothing_until_it_does_not_
                            config=SVFRegistrationConfig(**{**weak, "fold_retries": 2}))
     assert guarded.folding_fraction == 0.0 and guarded.min_jacobian > 0
     assert guarded.fold_retries == 1 and guarded.config["diffusion_sigma"] == pytest.approx(0.6)
+
+
+def test_smoothing_floor_in_mm_acts_only_on_grids_finer_than_it():
+    """``diffusion_min_mm`` raises the SVF smoothing to a length in mm where ``diffusion_sigma`` control
+    voxels are shorter (fine grids), and leaves a grid that already reaches it bit-identical."""
+    from inbrainsyn.registration.svf import _floored_sigma
+
+    assert _floored_sigma(0.35, 1.05, [3.0, 3.0, 3.0]) == 0.35  # the bank's 1.5 mm grid: unchanged
+    assert _floored_sigma(0.35, 1.05, [4.0, 4.0, 4.0]) == 0.35  # 2 mm: unchanged
+    assert _floored_sigma(0.35, 1.05, [2.0, 2.0, 2.0]) == pytest.approx(0.525)  # 1 mm: 1.05 mm
+    assert _floored_sigma(0.35, 0.0, [2.0, 2.0, 2.0]) == 0.35  # 0: no floor
+    fixed = blob_phantom()
+    moving = fields.warp(fixed, fields.exp(-known_svf(fixed.shape, 2.0, seed=5)))
+    base = {**SMALL.__dict__, "diffusion_sigma": 0.35, "iterations": (20, 10)}
+    # SMALL's control grids: 2 mm (coarse level) and 1 mm (fine level) -> smoothing 0.7 and 0.35 mm
+    plain = register_svf(fixed, moving, (1.0, 1.0, 1.0), config=SVFRegistrationConfig(**base))
+    reached = register_svf(fixed, moving, (1.0, 1.0, 1.0), config=SVFRegistrationConfig(**{**base, "diffusion_min_mm": 0.35}))
+    assert torch.equal(plain.velocity, reached.velocity)
+    floored = register_svf(fixed, moving, (1.0, 1.0, 1.0), config=SVFRegistrationConfig(**{**base, "diffusion_min_mm": 0.7}))
+    # the same coarse level (0.7 mm already), a smoother fine level: v changes and its roughness drops
+    assert not torch.equal(plain.velocity, floored.velocity)
+    roughness = lambda v: float(sum(image_gradient(c).pow(2).sum(0).mean() for c in v))  # noqa: E731
+    assert roughness(floored.velocity) < roughness(plain.velocity)
+    with pytest.raises(ValueError, match="diffusion_min_mm"):
+        SVFRegistrationConfig(diffusion_min_mm=-1.0).validate()

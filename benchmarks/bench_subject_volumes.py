@@ -1,6 +1,6 @@
 """Whose volumes? Baseline volumes against truth, cohort independence and placement of the ageing.
 
-Held-out phantom-like subjects WITH skull (:func:`inbrainsyn.varied_subject.varied_subject`: the bank's
+Held-out phantom-like subjects WITH skull (:func:`inbrainsyn.phantom.varied_subject`: the bank's
 HC template at an age, ventricles x 0.6-3 and hippocampi/amygdalae x 0.5-1.1 by the atrophy solver,
 a random inter-subject diffeomorphism, synthetic skull and scalp, bias and Rician noise) are run
 through ``run_synthesis`` (one target, +4 years) with ``--cohort HC`` and ``--cohort AD``.  Per subject:
@@ -88,7 +88,7 @@ def main():
 
     import inbrainsyn
     from inbrainsyn.templates import load_bank
-    from inbrainsyn.varied_subject import varied_subject
+    from inbrainsyn.phantom import varied_subject
 
     print(f"engine: {Path(inbrainsyn.__file__).parent} ({args.label})", flush=True)
     bank = load_bank(None)

@@ -7,11 +7,11 @@ Two families, both built from the MNI152 2009a anatomy only (never Colin27):
   :mod:`inbrainsyn.registration.synthetic`).  Truth: ``d_true = exp(v_true)``.
 * **Inter-anatomy pairs** (:func:`anatomy_pair`): a subject made from the default bank's template
   (MNI152 at 1.5 mm, age 55) whose lateral ventricles are ``ventricles`` times and hippocampi
-  (and amygdalae) ``hippocampus`` times the template's, realised by the atrophy solver
-  (:func:`inbrainsyn.templates.atrophy.solve_ageing_svf`, per-region log-volume targets on the
-  bank's labels; CSF balances inside a fixed skull; GM and WM shrink by 3 % per halving of
-  hippocampus, an ageing-like pattern), followed by a random smooth inter-subject deformation
-  (4 mm, smoothness 15 mm).  So ``subject = template o phi_true`` and its partial-volume labels are
+  (and amygdalae) ``hippocampus`` times the template's, made by the phantom's anatomy generator
+  (:func:`inbrainsyn.phantom.varied_anatomy`: the atrophy solver realises per-region volume factors
+  on the bank's labels, CSF balancing inside a fixed skull, GM and WM shrinking by 3 % per halving of
+  the hippocampus, an ageing-like pattern; then a random smooth inter-subject deformation, 4 mm at
+  smoothness 15 mm, no affine).  So ``subject = template o phi_true`` and its partial-volume labels are
   the template's one-hot maps warped by ``phi_true``.  Optionally a synthetic skull/scalp, a bias
   field, a contrast gamma and Rician noise (:mod:`inbrainsyn.phantom`), preprocessed as
   ``inbrainsyn synthesize`` does (robust normalisation, skull removed by the template's mask
@@ -102,22 +102,20 @@ def load_bank_anatomy(bank, spacing_mm: float | None = None) -> dict:
 def anatomy_pair(anatomy: dict, ventricles: float, hippocampus: float, seed: int, skull: bool,
                  inter_subject_mm: float = 4.0) -> Pair:
     """Template -> subject pair with ventricles x``ventricles`` and hippocampi x``hippocampus`` (see module doc)."""
-    from inbrainsyn.phantom import acquire, random_affine_displacement, smooth_noise, synthetic_skull  # noqa: F401
-    from inbrainsyn.templates import atrophy
+    from inbrainsyn.phantom import acquire, smooth_noise, synthetic_skull, varied_anatomy
 
     template, maps, names, grid = anatomy["template"], anatomy["maps"], anatomy["names"], anatomy["grid"]
     spacing_zyx = tuple(reversed(grid.spacing))
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
     shrink = 0.03 * math.log2(1.0 / hippocampus) if hippocampus < 1 else 0.0
-    targets = {"lateral_ventricles": math.log(ventricles), "hippocampus": math.log(hippocampus),
-               "amygdala": math.log(hippocampus), "cortical_gm": -shrink, "subcortical_gm": -shrink,
-               "cerebral_wm": -shrink}
-    solution = atrophy.solve_ageing_svf(maps, names, targets, spacing_zyx, balance_region="csf",
-                                        solve_spacing_mm=3.0, full_rounds=3, iterations=12)
+    factors = {"lateral_ventricles": ventricles, "hippocampus": hippocampus, "amygdala": hippocampus,
+               "cortical_gm": math.exp(-shrink), "subcortical_gm": math.exp(-shrink), "cerebral_wm": math.exp(-shrink)}
     rng = np.random.default_rng([seed, 17])
-    r = torch.from_numpy(smooth_noise(tuple(template.shape), spacing_zyx, 15.0, rng, channels=3)).float()
-    r = r * (inter_subject_mm / grid.spacing[0])
-    d_true = fields.compose(fields.exp(solution.velocity), fields.exp(r))
+    generated = varied_anatomy(template, maps, list(range(len(names))), names, spacing_zyx, factors, rng,
+                               max_displacement_mm=inter_subject_mm, smoothness_mm=15.0,
+                               solver={"balance_region": "csf", "solve_spacing_mm": 3.0, "full_rounds": 3,
+                                       "iterations": 12})
+    d_true = generated.phi
     subject_maps = fields.warp(maps, d_true)
     subject = fields.warp(template, d_true)
     tissue_f = _tissue_from_maps(subject_maps, names)
@@ -146,7 +144,7 @@ def anatomy_pair(anatomy: dict, ventricles: float, hippocampus: float, seed: int
         region_moving=region_moving, region_true_ml=region_true, region_moving_ml=region_moving_ml,
         meta={"family": "anatomy", "resolution_mm": grid.spacing[0], "ventricles_x": ventricles,
               "hippocampus_x": hippocampus, "seed": seed, "skull": skull,
-              "solver_achieved": solution.achieved, "solver_goals": solution.goals},
+              "solver_achieved": generated.achieved, "solver_goals": generated.goals},
     )
 
 

@@ -260,6 +260,67 @@ def nonlinear_displacement_mm(displacement: torch.Tensor, mask: np.ndarray, spac
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class VariedAnatomy:
+    """A subject's anatomy made from a template (:func:`varied_anatomy`); tensors on one grid."""
+
+    template: torch.Tensor  # (Z, Y, X) the anatomy template
+    maps: torch.Tensor  # (R, Z, Y, X) its partial-volume label maps
+    values: list[int]
+    names: list[str]
+    phi: torch.Tensor  # (3, Z, Y, X) template -> subject: subject = template o phi
+    subject_maps: torch.Tensor  # (R, Z, Y, X) the subject's true partial volumes (maps o phi)
+    variation_velocity: torch.Tensor  # the atrophy solver's SVF s (exp(s) realises the regional factors)
+    achieved: dict  # log-volume changes realised by the solver (before psi)
+    goals: dict
+
+
+def template_on_grid(bank: Bank, cohort: str, age: float, grid: fields.Grid):
+    """The bank's ``cohort`` template at ``age`` and its one-hot label maps on ``grid``: (template, maps, values, names)."""
+    values = sorted(bank.label_names)
+    names = [bank.label_names[v] for v in values]
+    template = bank.template_tensor(cohort, age)
+    labels = bank.labels_tensor(cohort, age)
+    stack = resample_to_grid(torch.cat([template[None], one_hot(labels, values)]), bank.grid, grid)
+    return stack[0], stack[1:].clamp(0, 1), values, names
+
+
+def varied_anatomy(template: torch.Tensor, maps: torch.Tensor, values: list[int], names: list[str],
+                   spacing_zyx, factors: dict, rng: np.random.Generator, *, max_displacement_mm: float,
+                   smoothness_mm: float, detail_displacement_mm: float = 0.0, detail_smoothness_mm: float = 15.0,
+                   affine: dict | None = None, solver: dict | None = None) -> VariedAnatomy:
+    """The one generator of subject anatomy that differs from the template (phantom, tests, benchmarks).
+
+    ``phi = exp(s) o psi``: ``exp(s)`` realises the regional volume ``factors`` (region name -> factor of the
+    template's volume; the atrophy solver :func:`atrophy.solve_ageing_svf` on the template's own
+    partial-volume maps, ``solver`` its keyword arguments; a factor of 1 holds that region's volume;
+    skipped when no factor names a region of ``names``) and
+    ``psi = A o exp(r_L) o exp(r_D)`` is a random inter-subject diffeomorphism: ``r_L`` smooth at
+    ``smoothness_mm`` with largest vector ``max_displacement_mm``, ``r_D`` (only when
+    ``detail_displacement_mm`` > 0) at ``detail_smoothness_mm``, ``A`` a :func:`random_affine_displacement`
+    with the keyword arguments ``affine`` (``None``: no affine).  Random draws in that order from ``rng``.
+    """
+    shape = tuple(template.shape)
+    spacing = float(spacing_zyx[2])
+    prescribed = {k: math.log(f) for k, f in factors.items() if k in names}
+    if prescribed:
+        solution = atrophy.solve_ageing_svf(maps, names, prescribed, spacing_zyx, **(solver or {}))
+        velocity, achieved, goals = solution.velocity, solution.achieved, solution.goals
+    else:
+        velocity, achieved, goals = torch.zeros((3, *shape)), {}, {}
+    large = torch.from_numpy(smooth_noise(shape, spacing_zyx, smoothness_mm, rng, channels=3)).float()
+    psi = fields.exp(large * (max_displacement_mm / spacing))
+    if detail_displacement_mm > 0:
+        detail = torch.from_numpy(smooth_noise(shape, spacing_zyx, detail_smoothness_mm, rng, channels=3)).float()
+        psi = fields.compose(psi, fields.exp(detail * (detail_displacement_mm / spacing)))
+    if affine is not None:
+        psi = fields.compose(random_affine_displacement(shape, spacing_zyx, rng, **affine), psi)
+    phi = fields.compose(fields.exp(velocity), psi) if prescribed else psi
+    return VariedAnatomy(template=template, maps=maps, values=values, names=names, phi=phi,
+                         subject_maps=fields.warp(maps, phi), variation_velocity=velocity,
+                         achieved=achieved, goals=goals)
+
+
 def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
     return float(np.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1]))))
 
@@ -337,12 +398,7 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
     anatomy_age = min(listed, key=lambda a: abs(a - plan["baseline_age"]))
     plan["anatomy_template"] = {"cohort": start_cohort, "age": anatomy_age}
 
-    values = sorted(bank.label_names)
-    names = [bank.label_names[v] for v in values]
-    template = bank.template_tensor(start_cohort, anatomy_age)
-    labels = bank.labels_tensor(start_cohort, anatomy_age)
-    maps = resample_to_grid(torch.cat([template[None], one_hot(labels, values)]), bank.grid, grid)
-    template, maps = maps[0], maps[1:].clamp(0, 1)
+    template, maps, values, names = template_on_grid(bank, start_cohort, anatomy_age, grid)
     shape = tuple(template.shape)
     template_volumes = summary_volumes_from_maps(maps, values, bank.label_names, voxel_ml)
 
@@ -351,18 +407,14 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
     for parcel in CORTICAL_PARCEL_LABELS.values():  # a regional bank's cortical parcels follow the cortex
         if parcel in names:
             factors[parcel] = factors["cortical_gm"]
-    variation = atrophy.solve_ageing_svf(maps, names, {k: math.log(v) for k, v in factors.items()}, spacing_zyx,
-                                         balance_region=bank.model.balance_region,
-                                         solve_spacing_mm=config.solve_spacing_mm, full_rounds=config.solver_rounds)
-    large = torch.from_numpy(smooth_noise(shape, spacing_zyx, config.smoothness_mm, rng, channels=3)).float()
-    detail = torch.from_numpy(smooth_noise(shape, spacing_zyx, config.detail_smoothness_mm, rng, channels=3)).float()
-    large = large * (plan["max_displacement_mm"] / grid.spacing[0])
-    detail = detail * (plan["detail_displacement_mm"] / grid.spacing[0])
-    affine = random_affine_displacement(shape, spacing_zyx, rng, scale=plan["icv_factor"] ** (-1.0 / 3.0),
-                                        anisotropy=0.03, degrees=6.0, shift_mm=5.0)
-    psi = fields.compose(affine, fields.compose(fields.exp(large), fields.exp(detail)))
-    phi = fields.compose(fields.exp(variation.velocity), psi)
-    subject_maps = fields.warp(maps, phi)
+    anatomy = varied_anatomy(
+        template, maps, values, names, spacing_zyx, factors, rng,
+        max_displacement_mm=plan["max_displacement_mm"], smoothness_mm=config.smoothness_mm,
+        detail_displacement_mm=plan["detail_displacement_mm"], detail_smoothness_mm=config.detail_smoothness_mm,
+        affine={"scale": plan["icv_factor"] ** (-1.0 / 3.0), "anisotropy": 0.03, "degrees": 6.0, "shift_mm": 5.0},
+        solver={"balance_region": bank.model.balance_region, "solve_spacing_mm": config.solve_spacing_mm,
+                "full_rounds": config.solver_rounds})
+    phi, subject_maps = anatomy.phi, anatomy.subject_maps
     icv = (subject_maps.sum(0) > 0.5).numpy()
     min_jac = float(fields.jacobian_determinant(phi).min())
     base_volumes = summary_volumes_from_maps(subject_maps, values, bank.label_names, voxel_ml)
@@ -431,6 +483,65 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
                                      bias, 0.0, None)
         scans.append(scan)
     return plan, scans
+
+
+@dataclass
+class VariedSubject:
+    """One subject from :func:`varied_subject` (an acquired image with its known labels)."""
+
+    image: sitk.Image  # the acquired T1 (float32, scanner-like units)
+    labels: sitk.Image  # true label map (argmax of the true partial volumes), uint8
+    maps: torch.Tensor  # (R, Z, Y, X) true partial volumes of ``values`` on the image's grid
+    values: list[int]
+    volumes_ml: dict[str, float]  # true summary-region volumes
+    achieved: dict[str, float]  # log-volume changes realised by the solver (before psi)
+    plan: dict
+
+
+def varied_subject(bank: Bank, age: float, ventricle_factor: float = 1.0, hippocampus_factor: float = 1.0,
+                   amygdala_factor: float | None = None, seed: int = 0, cohort: str = "HC",
+                   spacing: float | None = None, skull: bool = True, max_displacement_mm: float = 6.0,
+                   noise: float = 0.02, bias_amplitude: float = 0.15, solve_spacing_mm: float = 3.0) -> VariedSubject:
+    """One stand-alone subject (no follow-ups) for evaluations and tests of the subject's own volumes.
+
+    The ``cohort`` template at ``age`` on a grid of ``spacing`` mm (default: the bank's) with ventricles x
+    ``ventricle_factor``, hippocampi x ``hippocampus_factor`` and amygdalae x ``amygdala_factor`` (default:
+    the hippocampal factor), made by :func:`varied_anatomy` (the phantom's generator) with a random
+    inter-subject warp (``max_displacement_mm`` at 15 mm smoothness and a small random affine), optionally
+    a synthetic skull and scalp, then acquired with a smooth bias (``bias_amplitude``), a contrast gamma
+    and Rician noise (``noise``).  Used by ``benchmarks/bench_subject_volumes.py`` and
+    ``Testing/test_anatomy.py``; never built from Colin27.
+    """
+    rng = np.random.default_rng([seed, 77])
+    grid = subject_grid(bank, spacing)
+    spacing_zyx = tuple(reversed(grid.spacing))
+    template, maps, values, names = template_on_grid(bank, cohort, age, grid)
+    shape = tuple(template.shape)
+    factors = {"lateral_ventricles": ventricle_factor, "hippocampus": hippocampus_factor,
+               "amygdala": hippocampus_factor if amygdala_factor is None else amygdala_factor}
+    changed = {k: f for k, f in factors.items() if abs(f - 1.0) > 1e-6}  # the others are left free
+    anatomy = varied_anatomy(template, maps, values, names, spacing_zyx, changed, rng,
+                             max_displacement_mm=max_displacement_mm, smoothness_mm=15.0, affine={},
+                             solver={"solve_spacing_mm": solve_spacing_mm})
+    clean = fields.warp(template, anatomy.phi).numpy()
+    subject_maps = anatomy.subject_maps.clamp(0, 1)
+    subject_labels = argmax_labels(subject_maps, values).numpy()
+    if skull:
+        clean = np.where(subject_labels > 0, clean, synthetic_skull(subject_labels > 0, grid.spacing[0]))
+    scale, gamma = float(rng.uniform(800, 1200)), float(rng.uniform(0.9, 1.1))
+    bias = np.exp(bias_amplitude * smooth_noise(shape, spacing_zyx, 80.0, rng)[0])
+    observed = acquire(clean, scale, gamma, bias, noise, rng if noise > 0 else None)
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    image = grid.apply_to(sitk.GetImageFromArray(observed.astype(np.float32)))
+    label_image = sitk.Cast(grid.apply_to(sitk.GetImageFromArray(subject_labels.astype(np.uint8))), sitk.sitkUInt8)
+    return VariedSubject(
+        image=image, labels=label_image, maps=subject_maps, values=values,
+        volumes_ml=summary_volumes_from_maps(subject_maps, values, bank.label_names, voxel_ml),
+        achieved=anatomy.achieved,
+        plan={"age": age, "cohort": cohort, "seed": seed, "factors": factors, "skull": skull,
+              "max_displacement_mm": max_displacement_mm, "noise": noise, "bias_amplitude": bias_amplitude,
+              "spacing": grid.spacing[0]},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
