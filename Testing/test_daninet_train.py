@@ -41,7 +41,7 @@ def write_cohort(folder, subjects: int = 4) -> str:
 def test_train_resume_and_evaluate_tiny(tmp_path):
     cohort = write_cohort(tmp_path)
     out = tmp_path / "run"
-    common = ["daninet", "train", "--data", cohort, "-o", str(out), "--tiny", "--slice-band", "8", "16",
+    common = ["daninet", "train", "--model", "daninet", "--data", cohort, "-o", str(out), "--tiny", "--slice-band", "8", "16",
               "--slice-stride", "2", "--holdout", "1", "--batch-size", "8"]
     assert main(common + ["--epochs", "1"]) == 0
     for name in ("daninet.pt", "checkpoint.pt", "history.csv", "loss_curves.png", "split.json"):
@@ -61,6 +61,34 @@ def test_train_resume_and_evaluate_tiny(tmp_path):
     for r in rows:
         assert 0 < float(r["ssim"]) <= 1 and float(r["mae"]) >= 0
     assert "| daninet |" in (ev / "table.md").read_text()
+
+
+def test_flow_train_resume_and_reload_tiny(tmp_path):
+    """The slice-ageing model: trains, checkpoints, resumes where it stopped, and the saved model
+    (fp16 on disk) still returns the slice unchanged for a zero interval."""
+    import torch
+
+    from inbrainsyn.daninet import geometry
+    from inbrainsyn.daninet.preview import flow_predictions, is_flow, load_model
+
+    cohort = write_cohort(tmp_path, subjects=3)
+    out = tmp_path / "flow"
+    # the blobs lie at physical z 0 .. 23 mm: template slices 48 .. 63 of the 1.5 mm grid (origin z -72 mm)
+    common = ["daninet", "train", "--data", cohort, "-o", str(out), "--tiny", "--identity-alignment",
+              "--slice-band", "50", "60", "--holdout", "1", "--batch-size", "4", "--lr", "1e-3"]
+    assert main(common + ["--steps", "50"]) == 0
+    for name in ("daninet.pt", "checkpoint.pt", "history.csv", "frames.pt", "split.json"):
+        assert (out / name).is_file(), name
+    assert main(common + ["--steps", "100", "--resume"]) == 0
+    history = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(h["step"]) for h in history] == [50, 100]  # resumed, not restarted
+    model = load_model(out / "daninet.pt")
+    assert is_flow(model) and model.meta["steps"] == 100 and tuple(model.cfg.slice_band) == (50, 60)
+    x = np.random.default_rng(1).uniform(0, 1, (20, 30)).astype(np.float32)
+    frame = geometry.to_frame(x[None], model.cfg.frame_size)
+    same, later = flow_predictions(model, frame, x, 70.0, 3, 55, [70.0, 80.0])
+    assert np.array_equal(same, x) and later.shape == x.shape
+    assert not any(torch.isnan(p).any() for p in model.parameters())
 
 
 @pytest.mark.parametrize("content, message", [

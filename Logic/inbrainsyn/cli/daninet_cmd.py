@@ -32,6 +32,12 @@ def add_parser(subparsers) -> None:
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this time")
     t.add_argument("--tiny", action="store_true", help="a very small network (tests)")
+    t.add_argument("--model", choices=["flow", "daninet"], default="flow",
+                   help="flow: the slice-ageing model shipped (displacement + residual per year, starts at the copy; "
+                        "default); daninet: the adversarial autoencoder of the paper")
+    t.add_argument("--steps", type=int, default=4000, help="flow: optimiser steps")
+    t.add_argument("--identity-alignment", action="store_true",
+                   help="flow: the scans are already aligned with the template (skip the coarse affine)")
     t.set_defaults(func=run_train)
 
     v = sub.add_parser("preview", help="predict one axial slice at target ages (PNG strip + manifest)")
@@ -84,6 +90,8 @@ def run_train(args: argparse.Namespace) -> int:
     scans = data.read_cohort(args.data)
     train_subj, held = data.split_subjects([s.subject for s in scans], args.holdout, args.seed)
     train_scans = [s for s in scans if s.subject in train_subj]
+    if args.model == "flow":
+        return _train_flow(args, out, train_scans, train_subj, held)
     band = tuple(args.slice_band) if args.slice_band else None
     t0 = time.time()
     frame_size = 32 if args.tiny else 128
@@ -116,6 +124,32 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"trained {model.meta['epochs']} epochs in {model.meta['train_seconds']:.0f}s; "
           f"parameters E {count_parameters(model.E)}, G {count_parameters(model.G)}, "
           f"D_z {count_parameters(model.Dz)}, D_b {count_parameters(model.Db)}; weights {out / 'daninet.pt'}")
+    return 0
+
+
+def _train_flow(args: argparse.Namespace, out: Path, train_scans, train_subj, held) -> int:
+    from inbrainsyn.daninet import flow_train
+    from inbrainsyn.templates import load_bank
+
+    band = tuple(args.slice_band) if args.slice_band else flow_train.brain_band(load_bank(None).mask)
+    t0 = time.time()
+    prepared = flow_train.prepare(train_scans, band, out / "frames.pt", 32 if args.tiny else 128,
+                                  identity=args.identity_alignment)
+    print(f"{len(prepared['subject'])} scans of {len(train_subj)} subjects, slices {band[0]} .. {band[1]} "
+          f"({time.time() - t0:.0f}s)", flush=True)
+    model = flow_train.new_model(band, prepared["grid_size_zyx"], tiny=args.tiny)
+    model.meta.update({"train_subjects": train_subj, "heldout_subjects": held, "data": str(Path(args.data).absolute()),
+                       "slice_stride": 1, "age_range": [float(prepared["age"].min()), float(prepared["age"].max())],
+                       "trained_on": "synthetic phantom cohort; see MODEL_CARD.md"})
+    with open(out / "split.json", "w") as f:
+        json.dump({"train": train_subj, "heldout": held, "seed": args.seed, "data": str(Path(args.data).absolute())}, f, indent=2)
+    cfg = flow_train.FlowTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    history = flow_train.train(model, prepared, out, cfg, resume=args.resume,
+                               max_seconds=(args.max_minutes or 0) * 60 or None)
+    model.meta["final_losses"] = dict(history[-1]) if history else {}
+    model.save(out / "daninet.pt")
+    print(f"trained {model.meta['steps']} steps; {sum(p.numel() for p in model.parameters())} parameters; "
+          f"weights {out / 'daninet.pt'}")
     return 0
 
 
@@ -204,6 +238,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from inbrainsyn.daninet.evaluate import METHODS, evaluate_subject, markdown_table
 
     model = preview.load_model(args.weights)
+    if preview.is_flow(model):
+        return _evaluate_flow(args, model)
     scans = data.read_cohort(args.data)
     if args.subjects:
         chosen = list(args.subjects)
@@ -238,6 +274,47 @@ def run_evaluate(args: argparse.Namespace) -> int:
         (stage / "table.md").write_text(table, encoding="utf-8")
         io.write_json({"tool": "inbrainsyn", "command": "daninet evaluate", "data": str(Path(args.data).absolute()),
                        "subjects": chosen, "summary": summary,
+                       "outputs": [{"kind": "metrics", "path": "metrics.csv"}, {"kind": "table", "path": "table.md"}]},
+                      stage / "manifest.json")
+    print(table)
+    return 0
+
+
+def _evaluate_flow(args: argparse.Namespace, model) -> int:
+    """``daninet evaluate`` for the slice-ageing model: a phantom folder, clean truths, ventricle areas."""
+    from inbrainsyn import evaluate as ev
+    from inbrainsyn import io
+    from inbrainsyn.daninet import flow_evaluate
+    from inbrainsyn.templates import load_bank
+
+    folder = Path(args.data).parent
+    cohort = ev.read_cohort(folder)
+    if args.subjects:
+        chosen = list(args.subjects)
+    elif args.split:
+        chosen = json.loads(Path(args.split).read_text())["heldout"]
+    else:
+        trained_here = Path(model.meta.get("data", "")).resolve() == Path(args.data).resolve()
+        chosen = [s for s in cohort if not (trained_here and s in model.meta.get("train_subjects", []))]
+    missing = [s for s in chosen if s not in cohort]
+    if missing or not chosen:
+        raise InputError(f"no such subjects in {args.data}: {', '.join(missing) or '(none chosen)'}")
+    bank = load_bank(None)
+    stride = args.slice_stride or 3
+    rows = []
+    for name in chosen:
+        print(f"evaluating {name} ({len(cohort[name]) - 1} follow-ups)", flush=True)
+        rows += flow_evaluate.evaluate_subject(model, cohort[name], bank, stride=stride)
+    summary = flow_evaluate.summary(rows)
+    table = flow_evaluate.markdown(summary)
+    with io.staged_output_dir(args.output, args.overwrite) as stage:
+        with open(stage / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+        (stage / "table.md").write_text(table, encoding="utf-8")
+        io.write_json({"tool": "inbrainsyn", "command": "daninet evaluate", "data": str(Path(args.data).absolute()),
+                       "subjects": chosen, "slice_stride": stride, "summary": summary,
                        "outputs": [{"kind": "metrics", "path": "metrics.csv"}, {"kind": "table", "path": "table.md"}]},
                       stage / "manifest.json")
     print(table)

@@ -62,7 +62,8 @@ def check_slice_index(slice_index: int, depth: int, band: tuple[int, int] | None
     if band is not None and not band[0] <= k <= band[1]:
         raise InputError(
             f"slice index {k} is outside the band the DaniNet model was trained on "
-            f"({band[0]} .. {band[1]}); choose a slice in that band"
+            f"({band[0]} .. {band[1]}, the template slices with enough brain to age: at least 20 % of the "
+            f"largest slice's brain area for the shipped model); choose a slice in that band"
         )
     return k
 

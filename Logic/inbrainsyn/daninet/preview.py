@@ -45,12 +45,25 @@ def default_weights_path() -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(path: str, mtime: float) -> DaniNet:
+def _load_cached(path: str, mtime: float):
+    from inbrainsyn.daninet import flow
+
+    blob = flow.read_blob(path)
+    if blob["format"] == flow.FORMAT:
+        return flow.SliceAgeingNet.from_blob(blob)
     return DaniNet.load(path)
 
 
-def load_model(weights: str | Path | None = None) -> DaniNet:
-    """The DaniNet at ``weights`` (default: the shipped model), cached while the file is unchanged."""
+def is_flow(model) -> bool:
+    """Whether ``model`` is the slice-ageing (displacement + residual) model of ``flow.py``."""
+    from inbrainsyn.daninet.flow import SliceAgeingNet
+
+    return isinstance(model, SliceAgeingNet)
+
+
+def load_model(weights: str | Path | None = None):
+    """The model at ``weights`` (default: the shipped one), cached while the file is unchanged: a
+    :class:`~inbrainsyn.daninet.flow.SliceAgeingNet` (shipped) or an adversarial :class:`DaniNet`."""
     path = Path(weights) if weights is not None else default_weights_path()
     if not path.is_file():
         raise InputError(f"DaniNet weights not found: {path} (train them with 'inbrainsyn daninet train' "
@@ -91,6 +104,45 @@ def on_device(model: DaniNet, device: torch.device | str | None) -> DaniNet:
     import copy
 
     return copy.deepcopy(model).to(device)
+
+
+@torch.no_grad()
+def flow_rates_on_slice(model, frame: torch.Tensor, shape: tuple[int, int], age: float, dx, slice_index: int):
+    """The slice-ageing model's per-year rates on the slice's own grid: u (1, 2, Y, X) in slice
+    pixels, r (1, 1, Y, X) in [-1, 1] units. The network sees the 128 x 128 frame; its rates are
+    mapped back (resize by side / 128, crop the padding) so the warp acts on the slice itself and a
+    zero interval returns the slice bit for bit."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    c = model.conditioning(torch.as_tensor([dx]), torch.tensor([float(age)]), torch.tensor([int(slice_index)])).to(device)
+    u, r = model.rates(frame.to(device), c)
+    ny, nx = shape
+    side, size = max(ny, nx), frame.shape[-1]
+    out = torch.cat([u * (side / size), r], dim=1).cpu()
+    if side != size:
+        out = F.interpolate(out, size=(side, side), mode="bilinear", align_corners=False)
+    py, px = side - ny, side - nx
+    out = out[:, :, py // 2: py // 2 + ny, px // 2: px // 2 + nx]
+    return out[:, :2], out[:, 2:]
+
+
+def flow_apply(x: np.ndarray, u: torch.Tensor, r: torch.Tensor, gap: float) -> np.ndarray:
+    """y = clip(W(x; gap u) + gap r) on the slice grid; x (Y, X) in [0, 1] -> (Y, X) in [0, 1]."""
+    from inbrainsyn.daninet.flow import SliceAgeingNet
+
+    if gap == 0:  # y(a0) = x: no resampling round-off
+        return np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float32))[None, None] * 2.0 - 1.0
+    y = SliceAgeingNet.warp(xt, gap * u) + gap * r
+    return ((y.clamp(-1.0, 1.0) + 1.0) * 0.5)[0, 0].numpy().astype(np.float32)
+
+
+def flow_predictions(model, frame: torch.Tensor, x: np.ndarray, age: float, dx, slice_index: int,
+                     targets) -> list[np.ndarray]:
+    """The slice-ageing model's predictions (Y, X) in [0, 1], one per target age (rates computed once)."""
+    u, r = flow_rates_on_slice(model, frame, x.shape, age, dx, slice_index)
+    return [flow_apply(x, u, r, float(t) - float(age)) for t in targets]
 
 
 def blend_bins(g: torch.Tensor, age: float) -> torch.Tensor:
@@ -174,7 +226,8 @@ def template_slice_for_native_slice(native_slice: int, native: sitk.Image, templ
                  else f"no slice of {name} (the band lies outside the scan)")
         raise InputError(
             f"native slice {k} of {name} maps to template slice {j}, outside the band {lo} .. {hi} the DaniNet "
-            f"model was trained on; that band corresponds to {where}: move the axial view there")
+            f"model was trained on (the template slices with enough brain to age; beyond them the slice holds "
+            f"little or no brain); that band corresponds to {where}: move the axial view there")
     return j
 
 
@@ -208,6 +261,18 @@ def preview_slices(volume_in_template_space: np.ndarray | sitk.Image, slice_inde
     x = vol[k]
     frame = geometry.to_frame(x[None], model.cfg.frame_size)
     t_load = time.perf_counter()
+    if is_flow(model):
+        if finetune_steps > 0:
+            raise InputError("test-time transfer (--finetune-steps) applies to the adversarial DaniNet only; "
+                             "the shipped slice-ageing model needs none")
+        preds = flow_predictions(on_device(model, device), frame, x, age, dx, k, targets)
+        t_end = time.perf_counter()
+        return {
+            "baseline": x, "predictions": preds, "bins": None, "targets": targets, "age": age,
+            "cohort": cohort, "diagnosis_class": cond.DIAGNOSIS_CLASSES[dx], "slice_index": k,
+            "assembly": "flow", "finetune_steps": 0, "device": str(torch.device(device)),
+            "timings_s": {"prepare": t_load - t0, "finetune": 0.0, "predict": t_end - t_load, "total": t_end - t0},
+        }
     if finetune_steps > 0:
         from inbrainsyn.daninet.transfer import finetune
 

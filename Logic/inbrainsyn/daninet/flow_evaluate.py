@@ -1,0 +1,161 @@
+"""The slice-ageing model on a held-out phantom cohort, against the CLEAN true follow-up.
+
+For each subject of an ``inbrainsyn phantom`` folder: its baseline (skull-stripped ``path`` image)
+is aligned to the template by the preview's coarse affine (``alignment.coarse_alignment``); the same
+affine carries its clean follow-ups, their brain masks and label maps, and the baseline's label map
+onto the template grid. For each axial slice k of the model's band (every ``stride``-th) and each
+follow-up at age T:
+
+* image metrics inside the follow-up's brain mask, each image mapped to [0, 1] by its own 1st/99th
+  percentiles there (``inbrainsyn.evaluate``): PSNR, 2D SSIM, MAE, for ``daninet`` (the model,
+  :func:`preview.flow_predictions`), ``copy`` (the baseline slice unchanged) and ``copy-blur`` (the
+  baseline smoothed as a sub-pixel warp smooths it, ``BLUR_SIGMA_PX``: the share of a gain that is
+  only noise averaging), averaged over the slices of a follow-up;
+* lateral-ventricle area on the slice (label 1, mm^2): true change = follow-up minus baseline
+  labels; predicted change = the baseline's ventricle mask warped by the model's displacement
+  (T - a0) u (bilinear, > 0.5) minus the baseline's; copy predicts 0. Summed over the slices.
+
+Rows follow ``inbrainsyn.evaluate``'s shape (``subject, age, method, truth, psnr, ssim, mae``) so its
+:func:`~inbrainsyn.evaluate.paired_differences` gives the paired 95 % bootstrap intervals over subjects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy.ndimage import gaussian_filter
+
+from inbrainsyn import evaluate as ev
+from inbrainsyn.daninet import alignment as align
+from inbrainsyn.daninet import conditioning as cond
+from inbrainsyn.daninet import geometry
+from inbrainsyn.daninet.data import scan_class
+from inbrainsyn.daninet.evaluate import slice_metrics
+from inbrainsyn.daninet.preview import flow_apply, flow_rates_on_slice
+
+VENTRICLE_LABEL = 1
+# copy-blur: the baseline slice smoothed by the low-pass a half-pixel bilinear shift applies (weights
+# 1/2, 1/2 per axis: variance 1/4 px^2). A warp by sub-pixel displacements averages the baseline's
+# noise away; this control shows how much of a gain over copy that alone gives.
+BLUR_SIGMA_PX = 0.5
+
+
+def _on_template(path, reference, transform, nearest=False) -> np.ndarray:
+    img = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    out = sitk.Resample(img, reference, transform, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, 0.0,
+                        sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+def stripped_image(scan):
+    """The skull-stripped image of a phantom scan (``inbrainsyn.evaluate.read_cohort`` gives the
+    head image for the subjects marked ``input = head``; the model was trained on stripped slices)."""
+    if scan.input == "head" and "_head" in scan.image.name:
+        return scan.image.with_name(scan.image.name.replace("_head", "_T1w"))
+    return scan.image
+
+
+@torch.no_grad()
+def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_volumes: dict | None = None) -> list[dict]:
+    """Rows for one subject (``scans``: ``inbrainsyn.evaluate.Scan`` list, baseline first)."""
+    base = scans[0]
+    cohort = "AD" if cond.diagnosis_class(base.group) == 3 else "HC"
+    lo_age, hi_age = bank.age_range(cohort)
+    reference = bank.template(cohort, min(max(base.age, lo_age), hi_age))
+    native = sitk.ReadImage(str(stripped_image(base)), sitk.sitkFloat32)
+    transform = align.coarse_alignment(native, reference, bank.mask)
+    vol0 = geometry.normalise_intensity(sitk.GetArrayFromImage(align.to_template_grid(native, reference, transform)))
+    lab0 = _on_template(base.labels, reference, transform, nearest=True)
+    spacing = reference.GetSpacing()
+    pixel_mm2 = spacing[0] * spacing[1]
+    dx = scan_class(base.group, base.age, base.transition_age)
+    lo, hi = model.cfg.slice_band
+    ks = list(range(lo, hi + 1, stride))
+    rates = {}
+    for k in ks:
+        frame = geometry.to_frame(vol0[k][None], model.cfg.frame_size)
+        rates[k] = flow_rates_on_slice(model, frame, vol0[k].shape, base.age, dx, k)
+    rows = []
+    for fu in scans[1:]:
+        clean = geometry.normalise_intensity(_on_template(fu.clean, reference, transform))
+        mask_vol = _on_template(fu.mask, reference, transform, nearest=True) > 0.5
+        lab = _on_template(fu.labels, reference, transform, nearest=True)
+        gap = fu.age - base.age
+        per = {"daninet": [], "copy": [], "copy-blur": []}
+        if inbrainsyn_volumes is not None:
+            per["inbrainsyn"] = []
+        vent = {"true": 0.0, "daninet": 0.0}
+        for k in ks:
+            mask = mask_vol[k]
+            if mask.sum() < 50:
+                continue
+            u, r = rates[k]
+            pred = flow_apply(vol0[k], u, r, gap)
+            per["daninet"].append(slice_metrics(pred, clean[k], mask))
+            per["copy"].append(slice_metrics(vol0[k], clean[k], mask))
+            per["copy-blur"].append(slice_metrics(gaussian_filter(vol0[k], BLUR_SIGMA_PX), clean[k], mask))
+            if inbrainsyn_volumes is not None:
+                per["inbrainsyn"].append(slice_metrics(inbrainsyn_volumes[str(fu.clean)][k], clean[k], mask))
+            v0 = (lab0[k] == VENTRICLE_LABEL).astype(np.float32)
+            warped = flow_apply(v0, u, torch.zeros_like(r), gap)  # the displacement only, on the mask
+            vent["true"] += float((lab[k] == VENTRICLE_LABEL).sum() - v0.sum()) * pixel_mm2
+            vent["daninet"] += float((warped > 0.5).sum() - (v0 > 0.5).sum()) * pixel_mm2
+        for method, values in per.items():
+            if not values:
+                continue
+            row = {"subject": base.subject, "group": base.group, "age_from": base.age, "age": fu.age,
+                   "method": method, "truth": "subject", "slices": len(values),
+                   **{m: float(np.mean([v[m] for v in values])) for m in ("psnr", "ssim", "mae")},
+                   "vent_true_mm2": vent["true"],
+                   "vent_pred_mm2": vent["daninet"] if method == "daninet" else (0.0 if method.startswith("copy") else float("nan"))}
+            rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict], seed: int = 0) -> dict:
+    """Means per method and paired differences (daninet - copy, and inbrainsyn - copy when present)."""
+    methods = sorted({r["method"] for r in rows})
+    out = {"means": {}, "paired": [], "ventricles": {}}
+    for m in methods:
+        sel = [r for r in rows if r["method"] == m]
+        out["means"][m] = {k: (float(np.mean([r[k] for r in sel])), float(np.std([r[k] for r in sel]))) for k in ("psnr", "ssim", "mae")}
+        out["means"][m]["n"] = len(sel)
+    for m in methods:
+        if m == "copy":
+            continue
+        refs = ("copy", "copy-blur") if m == "daninet" else ("copy",)
+        for ref in refs:
+            for metric in ("psnr", "ssim", "mae"):
+                d = ev.paired_differences(rows, m, ref, metric, "subject", seed=seed)
+                if d:
+                    out["paired"].append(d)
+    sel = [r for r in rows if r["method"] == "daninet"]
+    if sel:
+        t = np.array([r["vent_true_mm2"] for r in sel])
+        p = np.array([r["vent_pred_mm2"] for r in sel])
+        out["ventricles"] = {
+            "true_mean_mm2": float(t.mean()), "pred_mean_mm2": float(p.mean()),
+            "same_sign_fraction": float(np.mean(np.sign(t) == np.sign(p))),
+            "ratio_pred_true": float(p.sum() / t.sum()) if t.sum() else float("nan"),
+            "corr": float(np.corrcoef(t, p)[0, 1]) if len(t) > 2 and p.std() > 0 else float("nan"),
+            "n": len(sel),
+        }
+    return out
+
+
+def markdown(s: dict) -> str:
+    lines = ["| Method | PSNR (dB) | SSIM | MAE | n |", "|---|---|---|---|---|"]
+    for m, v in s["means"].items():
+        lines.append(f"| {m} | {v['psnr'][0]:.2f} ± {v['psnr'][1]:.2f} | {v['ssim'][0]:.4f} ± {v['ssim'][1]:.4f} | "
+                     f"{v['mae'][0]:.4f} ± {v['mae'][1]:.4f} | {v['n']} |")
+    lines += ["", "| Paired difference | mean | 95 % CI (bootstrap over subjects) | follow-ups / subjects |", "|---|---|---|---|"]
+    for d in s["paired"]:
+        lines.append(f"| {d['method']} - {d['reference']}, {d['metric']} | {d['mean']:+.4f} | "
+                     f"[{d['lo']:+.4f}, {d['hi']:+.4f}] | {d['n']} / {d['subjects']} |")
+    v = s.get("ventricles")
+    if v:
+        lines += ["", f"Ventricle area change summed over the evaluated slices (mm^2), mean over {v['n']} follow-ups: "
+                      f"true {v['true_mean_mm2']:+.1f}, predicted {v['pred_mean_mm2']:+.1f} (ratio {v['ratio_pred_true']:.2f}); "
+                      f"same sign in {100 * v['same_sign_fraction']:.0f} %; correlation {v['corr']:.2f}; copy predicts 0."]
+    return "\n".join(lines) + "\n"
