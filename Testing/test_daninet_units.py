@@ -216,3 +216,27 @@ def test_choose_bins_keeps_the_true_bin_and_its_neighbours():
     assert out.shape == (3, 4)
     assert {0, 1} <= set(out[0]) and {4, 5, 6} <= set(out[1]) and {8, 9} <= set(out[2])
     assert all(len(set(r)) == 4 for r in out)
+
+
+def test_flow_evaluation_summary_pairs_methods_by_follow_up():
+    """Paired differences are taken per follow-up and averaged; the ventricle summary compares the
+    predicted with the true area change (copy predicts none)."""
+    from inbrainsyn.daninet.flow_evaluate import markdown, summary
+
+    rows = []
+    for s, (gain, vent) in enumerate([(0.5, 100.0), (0.7, 200.0), (0.3, 50.0), (0.6, 120.0)]):
+        for t, scale in ((72.0, 1.0), (74.0, 2.0)):
+            base = {"subject": f"s{s}", "group": "HC", "age_from": 70.0, "age": t, "truth": "subject",
+                    "slices": 10, "ssim": 0.9, "mae": 0.02, "vent_true_mm2": vent * scale}
+            rows.append({**base, "method": "copy", "psnr": 30.0, "vent_pred_mm2": 0.0})
+            rows.append({**base, "method": "copy-blur", "psnr": 30.2, "vent_pred_mm2": 0.0})
+            rows.append({**base, "method": "daninet", "psnr": 30.0 + gain, "vent_pred_mm2": 0.5 * vent * scale})
+    out = summary(rows)
+    psnr = next(d for d in out["paired"] if d["method"] == "daninet" and d["reference"] == "copy" and d["metric"] == "psnr")
+    assert psnr["mean"] == pytest.approx(0.525) and 0.3 <= psnr["lo"] <= psnr["mean"] <= psnr["hi"] <= 0.7
+    assert psnr["subjects"] == 4 and psnr["n"] == 8
+    blur = next(d for d in out["paired"] if d["reference"] == "copy-blur" and d["metric"] == "psnr")
+    assert blur["mean"] == pytest.approx(0.325)
+    assert out["ventricles"]["ratio_pred_true"] == pytest.approx(0.5)
+    assert out["ventricles"]["same_sign_fraction"] == 1.0
+    assert "| daninet - copy, psnr | +0.5250 |" in markdown(out)

@@ -12,8 +12,12 @@ follow-up at age T:
   baseline smoothed as a sub-pixel warp smooths it, ``BLUR_SIGMA_PX``: the share of a gain that is
   only noise averaging), averaged over the slices of a follow-up;
 * lateral-ventricle area on the slice (label 1, mm^2): true change = follow-up minus baseline
-  labels; predicted change = the baseline's ventricle mask warped by the model's displacement
-  (T - a0) u (bilinear, > 0.5) minus the baseline's; copy predicts 0. Summed over the slices.
+  labels; predicted change = the area of the baseline's ventricle mask warped by the model's
+  displacement (T - a0) u (bilinear, partial-volume sum) minus the baseline's; copy predicts 0.
+  Summed over the slices.
+
+The class is the one the preview would get: ``--cohort`` AD for the AD group, HC (CN) for HC and
+for the HC->AD converters (the preview has no transition age).
 
 Rows follow ``inbrainsyn.evaluate``'s shape (``subject, age, method, truth, psnr, ssim, mae``) so its
 :func:`~inbrainsyn.evaluate.paired_differences` gives the paired 95 % bootstrap intervals over subjects.
@@ -30,7 +34,6 @@ from inbrainsyn import evaluate as ev
 from inbrainsyn.daninet import alignment as align
 from inbrainsyn.daninet import conditioning as cond
 from inbrainsyn.daninet import geometry
-from inbrainsyn.daninet.data import scan_class
 from inbrainsyn.daninet.evaluate import slice_metrics
 from inbrainsyn.daninet.preview import flow_apply, flow_rates_on_slice
 
@@ -69,7 +72,9 @@ def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_volumes: di
     lab0 = _on_template(base.labels, reference, transform, nearest=True)
     spacing = reference.GetSpacing()
     pixel_mm2 = spacing[0] * spacing[1]
-    dx = scan_class(base.group, base.age, base.transition_age)
+    # the class the preview gets: its --cohort is HC or AD; a converter is previewed as HC (CN), as
+    # `inbrainsyn evaluate` feeds it to InBrainSyn (HC with a transition age the preview has no option for)
+    dx = cond.diagnosis_class(cohort)
     lo, hi = model.cfg.slice_band
     ks = list(range(lo, hi + 1, stride))
     rates = {}
@@ -100,7 +105,7 @@ def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_volumes: di
             v0 = (lab0[k] == VENTRICLE_LABEL).astype(np.float32)
             warped = flow_apply(v0, u, torch.zeros_like(r), gap)  # the displacement only, on the mask
             vent["true"] += float((lab[k] == VENTRICLE_LABEL).sum() - v0.sum()) * pixel_mm2
-            vent["daninet"] += float((warped > 0.5).sum() - (v0 > 0.5).sum()) * pixel_mm2
+            vent["daninet"] += float(warped.sum() - v0.sum()) * pixel_mm2  # partial-volume area
         for method, values in per.items():
             if not values:
                 continue
