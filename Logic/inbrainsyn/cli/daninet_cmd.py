@@ -70,7 +70,9 @@ def add_parser(subparsers) -> None:
     e.add_argument("--slice-stride", type=int, default=None, help="default: the training stride")
     e.add_argument("--with-inbrainsyn", action="store_true",
                    help="also predict with InBrainSyn (pole ladder) and score it on the same slices")
-    e.add_argument("--inbrainsyn-cache", default=None, help="folder to keep/reuse InBrainSyn's predicted volumes")
+    e.add_argument("--inbrainsyn-cache", default=None,
+                   help="folder to keep/reuse InBrainSyn's predicted volumes (slice-ageing model: scored "
+                        "when present there, never computed)")
     e.add_argument("-o", "--output", required=True)
     e.set_defaults(func=run_evaluate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -304,7 +306,8 @@ def _evaluate_flow(args: argparse.Namespace, model) -> int:
     rows = []
     for name in chosen:
         print(f"evaluating {name} ({len(cohort[name]) - 1} follow-ups)", flush=True)
-        rows += flow_evaluate.evaluate_subject(model, cohort[name], bank, stride=stride)
+        rows += flow_evaluate.evaluate_subject(model, cohort[name], bank, stride=stride,
+                                               inbrainsyn_cache=args.inbrainsyn_cache)
     summary = flow_evaluate.summary(rows)
     table = flow_evaluate.markdown(summary)
     with io.staged_output_dir(args.output, args.overwrite) as stage:

@@ -25,6 +25,8 @@ Rows follow ``inbrainsyn.evaluate``'s shape (``subject, age, method, truth, psnr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -60,8 +62,13 @@ def stripped_image(scan):
 
 
 @torch.no_grad()
-def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_volumes: dict | None = None) -> list[dict]:
-    """Rows for one subject (``scans``: ``inbrainsyn.evaluate.Scan`` list, baseline first)."""
+def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_cache=None) -> list[dict]:
+    """Rows for one subject (``scans``: ``inbrainsyn.evaluate.Scan`` list, baseline first).
+
+    ``inbrainsyn_cache``: a folder of InBrainSyn's predicted follow-ups on the subject's own grid
+    (``<subject>_age<T>.nii.gz``, as ``daninet.evaluate.inbrainsyn_predictions`` caches them); when
+    all of a subject's are there, they are carried onto the template grid by the same affine and
+    scored on the same slices (method ``inbrainsyn``)."""
     base = scans[0]
     cohort = "AD" if cond.diagnosis_class(base.group) == 3 else "HC"
     lo_age, hi_age = bank.age_range(cohort)
@@ -88,8 +95,12 @@ def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_volumes: di
         lab = _on_template(fu.labels, reference, transform, nearest=True)
         gap = fu.age - base.age
         per = {"daninet": [], "copy": [], "copy-blur": []}
-        if inbrainsyn_volumes is not None:
-            per["inbrainsyn"] = []
+        ibs = None
+        if inbrainsyn_cache is not None:
+            path = Path(inbrainsyn_cache) / f"{fu.subject}_age{fu.age:05.1f}.nii.gz"
+            if path.is_file():
+                ibs = geometry.normalise_intensity(_on_template(path, reference, transform))
+                per["inbrainsyn"] = []
         vent = {"true": 0.0, "daninet": 0.0}
         for k in ks:
             mask = mask_vol[k]
@@ -100,8 +111,8 @@ def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_volumes: di
             per["daninet"].append(slice_metrics(pred, clean[k], mask))
             per["copy"].append(slice_metrics(vol0[k], clean[k], mask))
             per["copy-blur"].append(slice_metrics(gaussian_filter(vol0[k], BLUR_SIGMA_PX), clean[k], mask))
-            if inbrainsyn_volumes is not None:
-                per["inbrainsyn"].append(slice_metrics(inbrainsyn_volumes[str(fu.clean)][k], clean[k], mask))
+            if ibs is not None:
+                per["inbrainsyn"].append(slice_metrics(ibs[k], clean[k], mask))
             v0 = (lab0[k] == VENTRICLE_LABEL).astype(np.float32)
             warped = flow_apply(v0, u, torch.zeros_like(r), gap)  # the displacement only, on the mask
             vent["true"] += float((lab[k] == VENTRICLE_LABEL).sum() - v0.sum()) * pixel_mm2
@@ -129,7 +140,7 @@ def summary(rows: list[dict], seed: int = 0) -> dict:
     for m in methods:
         if m == "copy":
             continue
-        refs = ("copy", "copy-blur") if m == "daninet" else ("copy",)
+        refs = ["copy"] + (["copy-blur"] + (["inbrainsyn"] if "inbrainsyn" in methods else []) if m == "daninet" else [])
         for ref in refs:
             for metric in ("psnr", "ssim", "mae"):
                 d = ev.paired_differences(rows, m, ref, metric, "subject", seed=seed)
