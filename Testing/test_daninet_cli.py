@@ -126,6 +126,7 @@ def test_native_slice_outside_the_band_ends_with_a_json_error(template_file, tmp
     assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 2
     assert f"outside the band {lo} .. {hi}" in events[-1]["message"]
     assert f"native slices {lo} .. {hi} of" in events[-1]["message"]
+    assert "little or no brain" in events[-1]["message"]
     assert not (tmp_path / "out").exists()
 
 

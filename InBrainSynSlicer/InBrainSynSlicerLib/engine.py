@@ -205,7 +205,8 @@ def preview_argv(engine: list[str], input_path: str, age: float, cohort: str, ta
     K is the axial slice of the *input's own grid* under the Red view (the user's "current
     slice"); the engine maps it to the template slice through its affine alignment (``--slice``
     of the engine counts slices of the template grid, which the GUI cannot know beforehand) and
-    refuses, naming the input's usable slices, when it falls outside the model's trained band.
+    refuses, saying why and naming the input's usable slices, when it falls outside the model's band
+    (the shipped model covers every template slice with at least 20 % brain).
     With ``--json`` the engine reports progress and ends with a result or error event; the
     runner also accepts a clean exit that leaves ``DIR/manifest.json`` (``expected_manifest``).
     """

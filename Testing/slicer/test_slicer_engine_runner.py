@@ -114,6 +114,7 @@ def test_real_engine_preview_agrees_with_the_module(template_on_model_grid, tmp_
                                                     70, "HC", [75], lo - 5, str(tmp_path / "refused")))
     assert refused.status == "failed"
     assert f"native slices {lo} .. {hi}" in refused.message, refused.message
+    assert "enough brain" in refused.message  # says why, not only where
 
 
 def test_event_lines_json_plain_and_blank():
