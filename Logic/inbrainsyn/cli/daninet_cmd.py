@@ -196,13 +196,14 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
         from inbrainsyn.templates import load_bank
 
         bank = load_bank(None)
-        lo, hi = bank.age_range(args.cohort)
-        reference = bank.template(args.cohort, min(max(args.age, lo), hi))
         if args.alignment:
             reporter.progress("align", 0.1, f"reusing the alignment in {args.alignment}")
             transform = align.read_alignment(args.alignment, native)
             alignment = f"reused from {Path(args.alignment).absolute()}"
+            reference = bank.mask  # only the template grid is needed (an age's template costs ~1 s to build)
         else:
+            lo, hi = bank.age_range(args.cohort)
+            reference = bank.template(args.cohort, min(max(args.age, lo), hi))
             reporter.progress("align", 0.1, "coarse affine alignment to the template")
             transform = align.coarse_alignment(native, reference, bank.mask)
             alignment = "coarse affine (8/4 mm)"
