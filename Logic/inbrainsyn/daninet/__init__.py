@@ -14,4 +14,7 @@ what differs from the paper. Modules, one concept each::
     transfer      test-time transfer (quick fine-tune on the subject's baseline slice)
     preview       preview_slices(): the function the CLI and the Slicer module call
     evaluate      SSIM / PSNR / MAE of predicted slices against true follow-ups
+    flow          the shipped slice-ageing model (displacement + residual per year, starts at the copy)
+    flow_train    its training on a phantom cohort (alignment, pairs, checkpoints, resume)
+    flow_evaluate its clean-truth evaluation (PSNR / SSIM / MAE, ventricle areas, paired CIs)
 """
