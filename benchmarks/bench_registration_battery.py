@@ -377,7 +377,8 @@ def markdown(rows, summary, command, args, load_before, load_after) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['group']} | {r['pair']} | {r['method']} | {r['error'][:60]} | | | | | | | |")
+            reason = " ".join(r["error"].split())[:60]
+            lines.append(f"| {r['group']} | {r['pair']} | {r['method']} | {reason} | | | | | | | |")
             continue
         vent = f"{r['ventricles_ml']:.1f} ({r['ventricles_true_ml']:.1f})" if "ventricles_ml" in r else "-"
         hipp = f"{r['hippocampus_ml']:.2f} ({r['hippocampus_true_ml']:.2f})" if "hippocampus_ml" in r else "-"
