@@ -142,6 +142,30 @@ def test_fit_record_measures_the_fit_and_flags_what_the_registration_missed():
     assert local.beyond_registration and "local similarity" in local.warning()
 
 
+def test_fit_record_flags_a_structure_too_far_from_the_templates_for_the_registration():
+    """A subject whose own hippocampus is below CAPTURE_RATIO_LIMITS' fraction of the template's (outside
+    the range validated on phantom subjects, docs/anatomy.md) is flagged; one at 0.9x is not."""
+    labels, image = ball_brain(10.0, skull=False)
+    template = torch.from_numpy(image)
+    n = labels.shape[0]
+    zero = torch.zeros((3, n, n, n))
+    brain = torch.from_numpy((labels > 0).astype(np.float32))
+    low = anatomy.CAPTURE_RATIO_LIMITS["hippocampus"][0]
+    tmpl = {"ventricles": 8.0, "hippocampus": 4.0, "amygdala": 1.5, "gm": 100.0}
+    typical = {**tmpl, "hippocampus": 0.9 * 4.0}
+    record = anatomy.fit_record(template, template, zero, zero, brain, (SPACING,) * 3, typical, typical,
+                                template_volumes=tmpl)
+    assert record.ratio_to_template["hippocampus"] == pytest.approx(0.9)
+    assert not record.beyond_registration
+    small = {**tmpl, "hippocampus": (low - 0.05) * 4.0}
+    flagged = anatomy.fit_record(template, template, zero, zero, brain, (SPACING,) * 3, small, small,
+                                 template_volumes=tmpl)
+    assert flagged.beyond_registration and "hippocampus" in flagged.warning() and "template's" in flagged.warning()
+    assert flagged.residual["hippocampus"] == 0.0  # the residual alone could not see it
+    # without template volumes (older callers) the criterion is skipped
+    assert not anatomy.fit_record(template, template, zero, zero, brain, (SPACING,) * 3, small, small).beyond_registration
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end on a 4 mm copy of the default bank (seconds per run)
 # ------------------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def main():
                     "placement": placement(out, manifest, subject, age + 4.0, volumes, age),
                     "beyond_registration": None if fit is None else fit["beyond_registration"],
                     "residual": None if fit is None else fit["residual"],
+                    "fit": fit,  # the whole fit record (calibration of the flag, docs/anatomy.md)
                     "anatomy_s": manifest["timings_s"].get("anatomy"),
                 }
                 run_ = entry["runs"][cohort]

@@ -75,6 +75,12 @@ MIN_CAPTURE_SIMILARITY = 0.30  # mean squared LNCC after registration below this
 # of the whole brain's was not matched: e.g. a hippocampus much smaller than the template's, which the
 # tissue classes cannot reveal because neighbouring grey matter fills the space (docs/anatomy.md).
 MIN_REGIONAL_SIMILARITY_RATIO = 0.90
+# The subject's own volume of a structure as a fraction of the reference template's at the subject's
+# age: (lowest, highest) ratio on which the reported volumes were validated (within their targets) on
+# varied-anatomy phantom subjects; a subject outside it lies beyond what the registration was shown to
+# capture.  Calibrated by benchmarks/calibrate_fit_flag.py on training seeds (docs/anatomy.md): the
+# smallest validated ratios were 0.57 (hippocampus) and 0.47 (amygdala), every error within 6.5 %.
+CAPTURE_RATIO_LIMITS = {"hippocampus": (0.55, None), "amygdala": (0.45, None)}
 REGIONAL_FIT = {"ventricles": "lateral_ventricles", "hippocampus": "hippocampus", "amygdala": "amygdala"}
 
 
@@ -380,6 +386,8 @@ class FitRecord:
     limits: dict
     beyond_registration: bool
     reasons: list = field(default_factory=list)
+    template_volumes_ml: dict = field(default_factory=dict)  # the reference template's at the subject's age
+    ratio_to_template: dict = field(default_factory=dict)  # subject's own / template's, per structure
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -424,14 +432,16 @@ def _weighted(values: torch.Tensor, weights: torch.Tensor) -> float:
 
 def fit_record(fixed: torch.Tensor, template: torch.Tensor, velocity: torch.Tensor, displacement: torch.Tensor,
                brain: torch.Tensor, spacing_zyx, registered_volumes: dict, subject_volumes: dict,
-               structures: dict | None = None) -> FitRecord:
+               structures: dict | None = None, template_volumes: dict | None = None) -> FitRecord:
     """Measure the fit of ``template o exp(v) ~ fixed`` (all ``(Z, Y, X)`` / ``(3, Z, Y, X)`` on one grid).
 
     brain: ``(Z, Y, X)`` the subject's brain (weights of the similarity and of the field statistics);
     registered_volumes: regional volumes of the run's template labels carried by ``v``;
     subject_volumes: the subject's own (:meth:`SubjectAnatomy.volumes_ml`);
     structures: ``{region: (Z, Y, X) map}`` the registered template's structures, for the local similarity
-    (weights: the map smoothed by a 3 mm Gaussian, so the structure's border counts).
+    (weights: the map smoothed by a 3 mm Gaussian, so the structure's border counts);
+    template_volumes: the reference template's own volumes (same units as ``subject_volumes``), for
+    :data:`CAPTURE_RATIO_LIMITS` (how far the subject's structures are from the template's).
     """
     inside = brain > 0.5
     before = _weighted(_similarity_map(fixed, template), brain.float())
@@ -462,6 +472,15 @@ def fit_record(fixed: torch.Tensor, template: torch.Tensor, velocity: torch.Tens
     for region, ratio in local.items():
         if ratio < MIN_REGIONAL_SIMILARITY_RATIO:
             reasons.append(f"{region}: local similarity {ratio:.2f} of the brain's (limit {MIN_REGIONAL_SIMILARITY_RATIO})")
+    ratio = {k: subject_volumes[k] / template_volumes[k] for k in REGIONAL_FIT
+             if template_volumes and template_volumes.get(k, 0.0) > 1e-6 and k in subject_volumes}
+    for region, (low, high) in CAPTURE_RATIO_LIMITS.items():
+        if region not in ratio:
+            continue
+        if (low is not None and ratio[region] < low) or (high is not None and ratio[region] > high):
+            bounds = f"{low if low is not None else 0:.2f}-{high:.2f}" if high is not None else f">= {low:.2f}"
+            reasons.append(f"{region}: {ratio[region]:.2f}x the template's, outside the range on which the "
+                           f"registration's volumes were validated ({bounds}x)")
     if after < MIN_CAPTURE_SIMILARITY:
         reasons.append(f"similarity after registration {after:.2f} < {MIN_CAPTURE_SIMILARITY}")
     if folded > 0:
@@ -484,21 +503,31 @@ def fit_record(fixed: torch.Tensor, template: torch.Tensor, velocity: torch.Tens
         residual=residual,
         regional_similarity_ratio=local,
         limits={**{f"{k}_residual": v for k, v in CAPTURE_LIMITS.items()}, "min_similarity_after": MIN_CAPTURE_SIMILARITY,
-                "min_regional_similarity_ratio": MIN_REGIONAL_SIMILARITY_RATIO},
+                "min_regional_similarity_ratio": MIN_REGIONAL_SIMILARITY_RATIO,
+                **{f"{k}_ratio_to_template": list(v) for k, v in CAPTURE_RATIO_LIMITS.items()}},
         beyond_registration=bool(reasons),
         reasons=reasons,
+        template_volumes_ml=dict(template_volumes or {}),
+        ratio_to_template=ratio,
     )
 
 
 def record_fit(anatomy: SubjectAnatomy, fixed: torch.Tensor, template: torch.Tensor, template_labels: torch.Tensor,
-               velocity: torch.Tensor, displacement: torch.Tensor, spacing_zyx, scale: float = 1.0) -> FitRecord:
+               velocity: torch.Tensor, displacement: torch.Tensor, spacing_zyx, scale: float = 1.0,
+               reference_labels: torch.Tensor | None = None) -> FitRecord:
     """:func:`fit_record` of the run's registration ``template o exp(v) ~ fixed``, against the subject's own
     regions ``anatomy``; ``template_labels`` ``(Z, Y, X)`` are the run's template labels (carried by ``v`` for the
-    registration-only volumes); ``scale`` = ``|det A|`` (bank mm^3 -> input mm^3)."""
+    registration-only volumes); ``scale`` = ``|det A|`` (bank mm^3 -> input mm^3); ``reference_labels``: the
+    cohort-independent reference template's labels at the subject's age (default ``template_labels``), whose
+    volumes the subject's own are compared with."""
     carried = registered_label_maps(template_labels, anatomy.values, displacement)
     registered = {k: v * scale for k, v in
                   summary_volumes_from_maps(carried, anatomy.values, anatomy.label_names, anatomy.voxel_ml).items()}
     names = {anatomy.label_names[v]: i for i, v in enumerate(anatomy.values)}
     structures = {region: carried[names[label]] for region, label in REGIONAL_FIT.items() if label in names}
+    reference = registered_label_maps(template_labels if reference_labels is None else reference_labels,
+                                      anatomy.values, None)
+    template_volumes = {k: v * scale for k, v in
+                        summary_volumes_from_maps(reference, anatomy.values, anatomy.label_names, anatomy.voxel_ml).items()}
     return fit_record(fixed, template, velocity, displacement, anatomy.maps.sum(0), spacing_zyx, registered,
-                      anatomy.volumes_ml(None, scale), structures)
+                      anatomy.volumes_ml(None, scale), structures, template_volumes)

@@ -342,7 +342,8 @@ def _run_claimed(request: SynthesisRequest, claim: io.OutputClaim, reporter: Rep
     own = subject_anatomy(registered, request, bank, device, reporter)  # the subject's own regions (bank grid)
     native_scale = abs(float(np.linalg.det(registered.affine_matrix)))  # template mm^3 -> input mm^3
     fit = anatomy.record_fit(own, registered.image, bank.template_tensor(request.cohort, request.age),
-                             template_labels, registered.velocity, registered.displacement, bank.spacing_zyx, native_scale)
+                             template_labels, registered.velocity, registered.displacement, bank.spacing_zyx, native_scale,
+                             bank.labels_tensor(anatomy.reference_cohort(bank.cohorts), request.age).float())
     if fit.beyond_registration:
         _warn(reporter, fit.warning())
     reporter.progress("transport", 0.58, f"transporting the {request.cohort} ageing ({request.transport})")
