@@ -685,6 +685,9 @@ def plot_report(rows: list[dict], numbers: dict, path: Path, methods=METHODS) ->
     import matplotlib.pyplot as plt
 
     present = [m for m in methods if any(r["method"] == m for r in rows) and m != "oracle"]
+    # a method far worse than copy (e.g. the No-PT `template` baseline) would squash both panels' scales
+    off_scale = sorted({g["method"] for g in numbers["gap"] if g and g["share"] < -0.5})
+    present = [m for m in present if m not in off_scale]
     truths = sorted({r["truth"] for r in rows}, key=lambda t: (t != "subject", t))
     fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
     ax = axes[0]
@@ -715,7 +718,8 @@ def plot_report(rows: list[dict], numbers: dict, path: Path, methods=METHODS) ->
     ax.set_xlabel("copy-to-oracle PSNR gap closed (%), 95 % CI")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="x")
-    fig.suptitle("Phantom evaluation (synthetic ground truth; not comparable with real-data results)")
+    note = f"; left out, far worse than copy (see the tables): {', '.join(off_scale)}" if off_scale else ""
+    fig.suptitle("Phantom evaluation (synthetic ground truth; not comparable with real-data results)" + note)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
