@@ -131,9 +131,44 @@ def test_evaluate_end_to_end_on_a_tiny_phantom(tmp_path):
         # 4 years of ageing: the prediction's volume changes beat "no change"
         assert float(pole["dlv_mean"]) < float(copy["dlv_mean"])
         assert float(copy["dlv_hippocampus"]) == pytest.approx(-float(copy["true_dlv_hippocampus"]))
+        # the ceilings: the cohort-rate solve on the true anatomy differs from the truth only by the
+        # subject's pace (rate multipliers exp(N(0, 0.2))), so it lies far nearer than any transport
+        cohort, conjugated = get[(truth, "oracle-cohort")], get[(truth, "oracle-conjugation")]
+        assert 0 < float(cohort["epe_mm"]) < float(pole["epe_mm"])
+        assert float(copy["psnr"]) < float(conjugated["psnr"]) < float(oracle["psnr"])
+        assert float(cohort["rebuild_s"]) > 0
+    assert float(get[("subject", "oracle-cohort")]["dlv_mean"]) < float(get[("subject", "pole")]["dlv_mean"])
     report = (out / "report.md").read_text()
-    assert "| pole |" in report and "gap closed" in report
+    assert "| pole |" in report and "gap closed" in report and "individual pace" in report
     assert (out / "figure.png").stat().st_size > 0
+
+
+def test_rebuilt_anatomy_is_the_written_one_and_other_settings_are_refused(tmp_path):
+    """The evaluation's ceilings rebuild the phantom subject from its seed: the labels agree exactly;
+    a phantom.json whose seed does not match its images is refused rather than scored."""
+    import json
+
+    import SimpleITK as sitk
+
+    from inbrainsyn.cli import main
+    from inbrainsyn.errors import InputError
+    from inbrainsyn.templates import load_bank
+
+    phantom = tmp_path / "phantom"
+    assert main(["phantom", "-o", str(phantom), "--subjects", "1", "--seed", "3", "--spacing", "4", "--followups", "2",
+                 "--truths", "subject", "--quiet"]) == 0
+    bank = load_bank(None)
+    settings = evaluate.phantom_settings(phantom)
+    image = sitk.ReadImage(str(phantom / "sub-000" / "sub-000_scan-0_labels.nii.gz"))
+    labels = sitk.GetArrayFromImage(image)
+    grid = fields.Grid.from_sitk(image)
+    anatomy, config, mismatch = evaluate.rebuild_anatomy("sub-000", settings, bank, grid, labels)
+    assert mismatch == 0.0 and config.seed == 3
+    info = json.loads((phantom / "phantom.json").read_text())
+    assert anatomy.plan["baseline_age"] == info["subjects"][0]["baseline_age"]
+    settings["config"]["seed"] = 4
+    with pytest.raises(InputError, match="differs from its written labels"):
+        evaluate.rebuild_anatomy("sub-000", settings, bank, grid, labels)
 
 
 def test_evaluate_on_the_cohort_engine_gives_the_same_rows_as_in_process(tmp_path):
@@ -153,3 +188,26 @@ def test_evaluate_on_the_cohort_engine_gives_the_same_rows_as_in_process(tmp_pat
         tables[workers] = sorted(({k: v for k, v in r.items() if not k.endswith("_s") and k != "seconds"} for r in rows),
                                  key=lambda r: (r["subject"], r["age"], r["method"], r["truth"]))
     assert len(tables["1"]) == 4 and tables["1"] == tables["2"]
+
+
+def test_conjugate_by_map_of_an_affine_map_is_the_pulled_back_field():
+    """phi(x) = A (x - c) + c + t: phi^-1 o E o phi has displacement A^-1 e(phi(x)) (analytic)."""
+    shape = (24, 26, 28)
+    x = fields.voxel_coordinates(shape, dtype=torch.float64)
+    c = torch.tensor([13.5, 12.5, 11.5], dtype=torch.float64).view(3, 1, 1, 1)
+    a = torch.tensor([[1.08, 0.05, 0.0], [-0.04, 0.95, 0.03], [0.02, 0.0, 1.02]], dtype=torch.float64)
+    t = torch.tensor([0.7, -0.4, 0.3], dtype=torch.float64).view(3, 1, 1, 1)
+
+    def affine(p):
+        return torch.einsum("ij,j...->i...", a, p - c) + c + t
+
+    def ageing(p):  # a smooth displacement (voxels), analytic so it can be evaluated anywhere
+        return torch.stack([0.6 * torch.sin(2 * math.pi * p[1] / 20), 0.4 * torch.cos(2 * math.pi * p[2] / 18),
+                            0.5 * torch.sin(2 * math.pi * p[0] / 22)])
+
+    phi = (affine(x) - x).float()
+    moved, residual = evaluate.conjugate_by_map(ageing(x).float(), phi)
+    expected = torch.einsum("ij,j...->i...", torch.linalg.inv(a), ageing(affine(x)))
+    inside = (slice(None), slice(5, -5), slice(5, -5), slice(5, -5))  # where phi(x) stays on the grid
+    assert float((moved - expected.float())[inside].abs().max()) < 0.03  # trilinear sampling of a smooth field
+    assert residual < 1.0  # the border (phi leaves the grid) converges less well; the inside is checked above

@@ -4,6 +4,13 @@ Methods compared (all predict the follow-up at age T from the baseline at age A,
 ``phi`` of the baseline on its own grid; the prediction is ``baseline o phi``):
 
 * ``oracle``: ``phi`` = the true baseline -> follow-up map (the ceiling of any warp of the baseline);
+* ``oracle-cohort``: the phantom's ``subject``-truth atrophy solve on the subject's true partial-volume
+  maps with the cohort's *mean* rates (rate multipliers 1, same group and conversion age): the ceiling
+  of any method that knows only the cohort and the age (the subject's own pace is unknowable);
+* ``oracle-conjugation``: the template's ageing ``exp(u)`` conjugated by the *true* map ``phi_s`` from
+  the subject onto the template at the baseline age (the phantom's template -> subject map composed
+  with the bank's step between the listed and the baseline age), ``phi_s^-1 o exp(u) o phi_s``: full
+  conjugation with a perfect registration, the ceiling of carrying the template's ageing into the subject;
 * ``pole``, ``schild``, ``conjugation``, ``half-conjugation``: InBrainSyn with that transport;
 * ``untransported``: the template ageing ``u`` applied to the subject as is (``w = u``);
 * ``template``: the reference code's baseline, the subject registered onto the target-age template
@@ -51,7 +58,12 @@ from inbrainsyn import fields, io
 from inbrainsyn.errors import InputError, ProcessingError
 from inbrainsyn.progress import Reporter
 
-METHODS = ("oracle", "pole", "schild", "conjugation", "half-conjugation", "untransported", "template", "copy")
+METHODS = ("oracle", "oracle-cohort", "oracle-conjugation", "pole", "schild", "conjugation", "half-conjugation",
+           "untransported", "template", "copy")
+# methods that rebuild the phantom subject's true anatomy (phantom.subject_anatomy) from phantom.json
+REBUILT = ("oracle-cohort", "oracle-conjugation")
+# the ceilings the copy-to-oracle gap is decomposed by (see docs/evaluation.md)
+CEILINGS = ("oracle", "oracle-cohort", "oracle-conjugation")
 TRANSPORTS = ("pole", "schild", "conjugation", "half-conjugation")
 IMAGE_METRICS = ("psnr", "ssim", "mae", "dice")
 REGIONS = ("hippocampus", "amygdala", "ventricles", "gm", "wm", "whole_brain")
@@ -195,6 +207,90 @@ def read_truths(folder: Path) -> dict[str, list[Truth]]:
     return out
 
 
+def phantom_settings(folder: Path) -> dict | None:
+    """``{"config": ..., "bank": ...}`` of a phantom (phantom.json), or None when it has none."""
+    path = Path(folder) / "phantom.json"
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    if "config" not in info:
+        return None
+    return {"config": info["config"], "bank": info.get("bank")}
+
+
+def conjugate_by_map(ageing: torch.Tensor, phi: torch.Tensor, iterations: int = 8) -> tuple[torch.Tensor, float]:
+    """Displacement of ``phi^-1 o E o phi`` (``E = id + ageing``), all ``(3, Z, Y, X)`` voxel units.
+
+    ``M`` solves ``phi o M = E o phi``, i.e. ``M + phi_d(x + M) = c`` with ``c`` the displacement of
+    ``E o phi``, by Newton steps with the Jacobian of ``phi`` at ``x`` (``M`` is small: a few years of
+    ageing).  Returns ``(M, largest residual in voxels)``.
+    """
+    target = fields.compose(ageing, phi)
+    jac = fields.jacobian_matrix(phi).permute(2, 3, 4, 0, 1).double()  # (Z, Y, X, 3, 3)
+    inverse = torch.linalg.inv(jac).float()
+    del jac
+
+    def step(residual):
+        return torch.einsum("zyxij,jzyx->izyx", inverse, residual)
+
+    m = step(target - phi)
+    for _ in range(iterations):
+        m = m + step(target - fields.compose(phi, m))
+    residual = float((target - fields.compose(phi, m)).norm(dim=0).max())
+    return m, residual
+
+
+def listed_to_age_svf(bank, cohort: str, listed_age: float, age: float) -> torch.Tensor:
+    """SVF ``o`` on the bank grid with ``template(listed_age) = template(age) o exp(o)``.
+
+    ``template(age)`` between listed ages is the lower listed template warped by the bank's step SVF
+    (:meth:`Bank.template_tensor`), so for the lower listed age ``o = -step(age)`` and for the upper one
+    ``o = step(upper) - step(age)`` (the listed upper template taken as the end of the step).
+    """
+    lower, upper, _ = bank._bracket(cohort, age)
+    if upper is None or abs(listed_age - age) < 1e-6:
+        return torch.zeros((3, *bank.grid.shape))
+    step = bank._step_svf(cohort, lower, upper, age)
+    if step is None:
+        raise InputError(f"bank '{bank.name}' interpolates {cohort} templates without an SVF; drop oracle-conjugation")
+    if abs(listed_age - lower.age) < 1e-6:
+        return -step
+    if abs(listed_age - upper.age) < 1e-6:
+        return bank._step_svf(cohort, lower, upper, upper.age) - step
+    raise InputError(f"listed age {listed_age:g} does not bracket age {age:g} in bank '{bank.name}'")
+
+
+def rebuild_anatomy(subject: str, settings: dict, bank, grid: fields.Grid, labels: np.ndarray, max_mismatch=1e-3):
+    """The phantom subject's anatomy (:func:`inbrainsyn.phantom.subject_anatomy`) rebuilt from its seed.
+
+    Raises InputError when the rebuilt labels differ from the written ones in more than ``max_mismatch``
+    of the brain's voxels (a phantom written by other code or with another bank).
+    """
+    from inbrainsyn import phantom
+    from inbrainsyn.templates.regions import argmax_labels
+
+    if settings is None:
+        raise InputError(f"{subject}: the phantom has no phantom.json config; drop the methods {', '.join(REBUILT)}")
+    if settings.get("bank") and settings["bank"] != bank.name:
+        raise InputError(f"{subject}: the phantom was made with bank {settings['bank']!r}, the evaluation uses "
+                         f"{bank.name!r}; pass --bank or drop the methods {', '.join(REBUILT)}")
+    config = phantom.config_from_json(settings["config"])
+    index = int(subject.rsplit("-", 1)[-1])
+    built_grid = phantom.subject_grid(bank, config.spacing, config.pad_mm)
+    if tuple(built_grid.size) != tuple(grid.size):
+        raise InputError(f"{subject}: the phantom's grid {tuple(grid.size)} is not the one its config rebuilds "
+                         f"{tuple(built_grid.size)}; drop the methods {', '.join(REBUILT)}")
+    anatomy = phantom.subject_anatomy(index, bank, built_grid, config)
+    rebuilt = argmax_labels(anatomy.subject_maps, anatomy.values).numpy()
+    brain = (labels > 0) | (rebuilt > 0)
+    mismatch = float(np.mean(rebuilt[brain] != labels[brain]))
+    if mismatch > max_mismatch:
+        raise InputError(f"{subject}: the anatomy rebuilt from the phantom's seed differs from its written labels in "
+                         f"{100 * mismatch:.2f} % of the brain (phantom made by other code?); drop the methods "
+                         f"{', '.join(REBUILT)}")
+    return anatomy, config, mismatch
+
+
 def subject_distances(folder: Path) -> dict[str, dict]:
     """Per subject: distance from the template and anatomy summary (phantom.json ``anatomy``)."""
     path = Path(folder) / "phantom.json"
@@ -217,10 +313,11 @@ def subject_distances(folder: Path) -> dict[str, dict]:
 
 
 def evaluate_subject(scans: list[Scan], truths: list[Truth], bank, device="cpu", methods=METHODS,
-                     truth_kinds=None, extra: dict | None = None) -> list[dict]:
+                     truth_kinds=None, extra: dict | None = None, settings: dict | None = None) -> list[dict]:
     """Predict every follow-up of one subject with every method and score it against every truth.
 
     Returns one row per (follow-up, truth, method).  ``bank`` is a Bank or a bank path (None = shipped).
+    ``settings`` (:func:`phantom_settings`) is needed by the methods in :data:`REBUILT`.
     """
     from inbrainsyn.native import NativeMapper, resample_native
     from inbrainsyn.registration import register_svf
@@ -257,6 +354,19 @@ def evaluate_subject(scans: list[Scan], truths: list[Truth], bank, device="cpu",
     index_of = {v: i for i, v in enumerate(values)}
     members = {r: [index_of[v] for v in vs if v in index_of] for r, vs in summary_label_values(bank.label_names).items()}
     members = {r: members[r] for r in REGIONS}
+    anatomy = None
+    rebuild_s = 0.0
+    if set(REBUILT) & set(methods):
+        t0 = time.perf_counter()
+        anatomy, phantom_config, mismatch = rebuild_anatomy(baseline.subject, settings, bank, grid, baseline_labels)
+        identity = NativeMapper(grid, bank.grid, np.eye(3), np.zeros(3), device)
+        # the true template -> subject map for the registration's target, the template at the
+        # baseline age: subject = template(listed) o phi = template(age) o exp(o) o phi
+        listed = anatomy.plan["anatomy_template"]
+        offset = listed_to_age_svf(bank, listed["cohort"], listed["age"], baseline.age)
+        offset = fields.field_from_physical(identity.native_map(fields.accurate_exp(offset)), grid)
+        true_registration = fields.compose(offset, anatomy.phi)
+        rebuild_s = time.perf_counter() - t0
     by_age: dict[float, list[Truth]] = {}
     for t in truths:
         if truth_kinds is None or t.truth in truth_kinds:
@@ -284,6 +394,15 @@ def evaluate_subject(scans: list[Scan], truths: list[Truth], bank, device="cpu",
             native_by_truth = {}
             if method == "oracle":
                 native_by_truth = {d["truth"].truth: d["mm"].astype(np.float32) for d in loaded}
+            elif method == "oracle-cohort":
+                from inbrainsyn import phantom
+
+                solution = phantom.subject_truth_solution(anatomy, bank, phantom_config, scan.age, multipliers={})
+                native = fields.field_to_physical(fields.exp(solution.velocity), grid).astype(np.float32)
+            elif method == "oracle-conjugation":
+                ageing = fields.field_from_physical(identity.native_map(fields.accurate_exp(u).cpu()), grid)
+                conjugated, _ = conjugate_by_map(ageing, true_registration)
+                native = fields.field_to_physical(conjugated, grid).astype(np.float32)
             elif method == "copy":
                 native = np.zeros((*grid.shape, 3), np.float32)
             elif method == "template":
@@ -320,7 +439,7 @@ def evaluate_subject(scans: list[Scan], truths: list[Truth], bank, device="cpu",
                     "dlv_mean": float(np.mean([abs(e) for e in errors.values()])),
                     **{f"true_dlv_{r}": d["dlv"][r] for r in REGIONS},
                     **(extra or {}),
-                    "registration_s": registration_s, "seconds": time.perf_counter() - started,
+                    "registration_s": registration_s, "rebuild_s": rebuild_s, "seconds": time.perf_counter() - started,
                 })
     for row in rows:
         row["subject_s"] = time.perf_counter() - started_subject
@@ -391,19 +510,26 @@ def paired_differences(rows: list[dict], method: str, reference: str, metric: st
 
 
 def gap_closed(rows: list[dict], method: str, truth: str, metric: str = "psnr", seed: int = 0,
-               resamples: int = BOOTSTRAP) -> dict | None:
-    """Share of the copy-to-oracle gap closed: ``(m - copy) / (oracle - copy)`` of the means, CI over subjects."""
+               resamples: int = BOOTSTRAP, ceiling: str = "oracle", lower: str = "copy") -> dict | None:
+    """Share of the copy-to-``ceiling`` gap closed: ``(m - lower) / (ceiling - copy)`` of the means, CI over subjects.
+
+    With the defaults, ``(m - copy) / (oracle - copy)``; ``lower`` other than ``copy`` gives the share of
+    the copy-to-ceiling gap lying between ``lower`` and ``method`` (a part of the gap's decomposition).
+    """
+    names = (method, lower, ceiling, "copy")
+    if any(not _by(rows, method=m, truth=truth) for m in names):
+        return None
     tables = {m: {(r["subject"], r["age"]): _metric_value(r, metric) for r in _by(rows, method=m, truth=truth)}
-              for m in (method, "copy", "oracle")}
-    keys = sorted(set(tables[method]) & set(tables["copy"]) & set(tables["oracle"]))
+              for m in names}
+    keys = sorted(set.intersection(*(set(t) for t in tables.values())))
     if not keys:
         return None
     subjects = sorted({k[0] for k in keys})
-    per = np.array([[sum(tables[m][k] for k in keys if k[0] == s) for m in (method, "copy", "oracle")]
+    per = np.array([[sum(tables[m][k] for k in keys if k[0] == s) for m in names]
                     for s in subjects], dtype=np.float64)
 
     def share(sums):
-        return (sums[..., 0] - sums[..., 1]) / (sums[..., 2] - sums[..., 1])
+        return (sums[..., 0] - sums[..., 1]) / (sums[..., 2] - sums[..., 3])
 
     value = float(share(per.sum(axis=0)))
     rng = np.random.default_rng(seed)
@@ -411,7 +537,19 @@ def gap_closed(rows: list[dict], method: str, truth: str, metric: str = "psnr", 
     boot = share(per[picks].sum(axis=1))
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"method": method, "truth": truth, "metric": metric, "share": value, "lo": float(lo), "hi": float(hi),
-            "n": len(keys), "subjects": len(subjects)}
+            "n": len(keys), "subjects": len(subjects), "ceiling": ceiling, "lower": lower}
+
+
+# The copy-to-oracle gap, from the top: what no method given only cohort and age can know, what
+# carrying the template's ageing exactly cannot express, what the registration loses, and what the
+# pole ladder (conjugation by the half-way map) loses against full conjugation.
+GAP_PARTS = (
+    ("individual pace (unknowable)", "oracle", "oracle-cohort"),
+    ("template ageing vs ageing of the subject's own regions", "oracle-cohort", "oracle-conjugation"),
+    ("registration (conjugation with the estimated map)", "oracle-conjugation", "conjugation"),
+    ("pole ladder vs full conjugation", "conjugation", "pole"),
+    ("pole's gain over copy", "pole", "copy"),
+)
 
 
 def add_strata(rows: list[dict]) -> list[str]:
@@ -473,12 +611,45 @@ def markdown_report(rows: list[dict], methods=METHODS, seed: int = 0) -> tuple[s
                     cells.append(f"{scale * p['mean']:+.{digits}f} [{scale * p['lo']:+.{digits}f}, {scale * p['hi']:+.{digits}f}]")
                 lines.append(f"| {method} | {reference} | " + " | ".join(cells) + " |")
         if "oracle" in present and "copy" in present:
-            lines += ["", f"Share of the copy-to-oracle PSNR gap closed, truth `{truth}` (95 % bootstrap CI over subjects):", "",
-                      "| Method | gap closed |", "|---|---|"]
-            for method in [m for m in present if m not in ("oracle", "copy")]:
-                g = gap_closed(rows, method, truth, seed=seed)
-                out["gap"].append(g)
-                lines.append(f"| {method} | {100 * g['share']:.1f} % [{100 * g['lo']:.1f}, {100 * g['hi']:.1f}] |")
+            ceilings = [c for c in CEILINGS if c in present]
+            lines += ["", f"Share of the copy-to-ceiling PSNR gap closed, truth `{truth}` (95 % bootstrap CI over subjects):"
+                      " `oracle` is the true follow-up's map; `oracle-cohort` knows the subject's true anatomy but"
+                      " only the cohort's mean rates; `oracle-conjugation` carries the template's ageing with the"
+                      " true template -> subject map.", "",
+                      "| Method | " + " | ".join(f"of copy → {c}" for c in ceilings) + " |", "|---|" + "---|" * len(ceilings)]
+            for method in [m for m in present if m != "copy"]:
+                cells = []
+                for c in ceilings:
+                    g = gap_closed(rows, method, truth, seed=seed, ceiling=c) if method != c else None
+                    if g is None:
+                        cells.append("")
+                        continue
+                    if c == "oracle":
+                        out["gap"].append(g)
+                    else:
+                        out.setdefault("gap_ceilings", []).append(g)
+                    cells.append(f"{100 * g['share']:.1f} % [{100 * g['lo']:.1f}, {100 * g['hi']:.1f}]")
+                if method != "oracle":
+                    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            parts = [part for part in GAP_PARTS if part[1] in present and part[2] in present]
+            if len(parts) > 1:
+                lines += ["", f"Decomposition of the copy-to-oracle gap, truth `{truth}`: each part is the paired"
+                          " difference of two rows (mean over follow-ups, 95 % bootstrap CI over subjects) and its share"
+                          " of the oracle − copy PSNR gap; EPE and volume-change error: lower row − upper row"
+                          " (what the part costs).", "",
+                          "| Part | upper − lower | ΔPSNR (dB) | share of gap | ΔEPE (mm) | Δ mean abs vol-change error (x100) |",
+                          "|---|---|---|---|---|---|"]
+                for label, upper, lower in parts:
+                    dp = paired_differences(rows, upper, lower, "psnr", truth, seed)
+                    g = gap_closed(rows, upper, truth, seed=seed, lower=lower)
+                    de = paired_differences(rows, lower, upper, "epe_mm", truth, seed)
+                    dv = paired_differences(rows, lower, upper, "dlv_mean", truth, seed)
+                    out.setdefault("decomposition", []).append({"part": label, "upper": upper, "lower": lower, "truth": truth,
+                                                               "psnr": dp, "share": g, "epe_mm": de, "dlv_mean": dv})
+                    lines.append(f"| {label} | {upper} − {lower} | {dp['mean']:+.3f} [{dp['lo']:+.3f}, {dp['hi']:+.3f}] | "
+                                 f"{100 * g['share']:.1f} % [{100 * g['lo']:.1f}, {100 * g['hi']:.1f}] | "
+                                 f"{de['mean']:+.3f} [{de['lo']:+.3f}, {de['hi']:+.3f}] | "
+                                 f"{100 * dv['mean']:+.3f} [{100 * dv['lo']:+.3f}, {100 * dv['hi']:+.3f}] |")
         lines.append("")
     # strata
     names = add_strata(rows)
@@ -514,6 +685,9 @@ def plot_report(rows: list[dict], numbers: dict, path: Path, methods=METHODS) ->
     import matplotlib.pyplot as plt
 
     present = [m for m in methods if any(r["method"] == m for r in rows) and m != "oracle"]
+    # a method far worse than copy (e.g. the No-PT `template` baseline) would squash both panels' scales
+    off_scale = sorted({g["method"] for g in numbers["gap"] if g and g["share"] < -0.5})
+    present = [m for m in present if m not in off_scale]
     truths = sorted({r["truth"] for r in rows}, key=lambda t: (t != "subject", t))
     fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
     ax = axes[0]
@@ -544,7 +718,8 @@ def plot_report(rows: list[dict], numbers: dict, path: Path, methods=METHODS) ->
     ax.set_xlabel("copy-to-oracle PSNR gap closed (%), 95 % CI")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="x")
-    fig.suptitle("Phantom evaluation (synthetic ground truth; not comparable with real-data results)")
+    note = f"; left out, far worse than copy (see the tables): {', '.join(off_scale)}" if off_scale else ""
+    fig.suptitle("Phantom evaluation (synthetic ground truth; not comparable with real-data results)" + note)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
@@ -582,9 +757,10 @@ def run_evaluation(phantom, outdir: Path, bank_path=None, device="auto", subject
         cohort = read_cohort(folder)
         all_truths = read_truths(folder)
         distances = subject_distances(folder)
+        settings = phantom_settings(folder)
         for name, scans in cohort.items():
             if len(scans) >= 2:
-                jobs.append((name, scans, all_truths.get(name, []), distances.get(name, {})))
+                jobs.append((name, scans, all_truths.get(name, []), distances.get(name, {}), settings))
     jobs = sorted(jobs, key=lambda j: j[0])[first_subject:]
     jobs = jobs[:subjects] if subjects is not None else jobs
     if not jobs:
@@ -598,8 +774,9 @@ def run_evaluation(phantom, outdir: Path, bank_path=None, device="auto", subject
     rows: list[dict] = []
     with io.staged_output_dir(outdir, overwrite) as stage:
         args = [(scans, t, bank_path if workers > 1 else bank, str(dev) if workers > 1 else dev, tuple(methods), kinds,
-                 {"distance_mm": d.get("distance_mm", float("nan")), "ventricle_ratio": d.get("ventricle_ratio", float("nan"))})
-                for _, scans, t, d in jobs]
+                 {"distance_mm": d.get("distance_mm", float("nan")), "ventricle_ratio": d.get("ventricle_ratio", float("nan"))},
+                 settings)
+                for _, scans, t, d, settings in jobs]
         if workers > 1:  # the cohort engine (inbrainsyn.parallel): a local Dask cluster, one subject per worker
             from inbrainsyn import parallel
 

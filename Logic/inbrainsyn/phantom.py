@@ -124,6 +124,12 @@ class PhantomConfig:
             raise InputError(f"--workers must be at least 1, got {self.workers}")
 
 
+def config_from_json(values: dict) -> PhantomConfig:
+    """The :class:`PhantomConfig` recorded in a phantom's ``phantom.json`` (``config``); unknown keys ignored."""
+    known = PhantomConfig.__dataclass_fields__
+    return PhantomConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+
 # ---------------------------------------------------------------------------------------------
 # Random fields
 # ---------------------------------------------------------------------------------------------
@@ -386,9 +392,32 @@ def _pattern_maps(maps: torch.Tensor, names: list[str], targets: dict[str, float
     return torch.stack(out_maps), out_names, out_targets
 
 
-def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfig, log=print) -> tuple[dict, list[dict]]:
-    """Build one subject: returns (plan, scans); each scan holds numpy images, label maps and, for
-    follow-ups, one entry per truth in ``scan["truths"]``."""
+@dataclass
+class SubjectAnatomy:
+    """One phantom subject's baseline anatomy before acquisition (see :func:`subject_anatomy`).
+
+    ``phi`` (subject grid, voxel units) maps the subject's grid onto the anatomy template's:
+    ``subject = template o phi``; ``subject_maps = maps o phi`` are its partial-volume region maps.
+    ``rng`` is the subject's random stream after the anatomy draws (acquisition draws continue it).
+    """
+
+    plan: dict
+    rng: np.random.Generator
+    spacing_zyx: tuple
+    voxel_ml: float
+    values: list
+    names: list
+    template: torch.Tensor
+    maps: torch.Tensor
+    template_volumes: dict
+    varied: VariedAnatomy  # the generator's output (phi, subject_maps and the volume solve)
+    phi: torch.Tensor
+    subject_maps: torch.Tensor
+
+
+def subject_anatomy(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfig) -> SubjectAnatomy:
+    """Steps 1a-1b of the module docstring for subject ``index``: deterministic for the seed, so the
+    evaluation can rebuild a written phantom's true template -> subject map and partial-volume maps."""
     plan = _subject_plan(index, config.seed, config, bank)
     rng = np.random.default_rng([config.seed, index, 2])
     spacing_zyx = tuple(reversed(grid.spacing))
@@ -399,7 +428,6 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
     plan["anatomy_template"] = {"cohort": start_cohort, "age": anatomy_age}
 
     template, maps, values, names = template_on_grid(bank, start_cohort, anatomy_age, grid)
-    shape = tuple(template.shape)
     template_volumes = summary_volumes_from_maps(maps, values, bank.label_names, voxel_ml)
 
     # (a) regional volumes of the anatomy, (b) random diffeomorphism psi = A o exp(r_L) o exp(r_D)
@@ -415,6 +443,35 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
         solver={"balance_region": bank.model.balance_region, "solve_spacing_mm": config.solve_spacing_mm,
                 "full_rounds": config.solver_rounds})
     phi, subject_maps = anatomy.phi, anatomy.subject_maps
+    return SubjectAnatomy(plan=plan, rng=rng, spacing_zyx=spacing_zyx, voxel_ml=voxel_ml, values=values, names=names,
+                          template=template, maps=maps, template_volumes=template_volumes, varied=anatomy,
+                          phi=phi, subject_maps=subject_maps)
+
+
+def subject_truth_solution(anatomy: SubjectAnatomy, bank: Bank, config: PhantomConfig, age: float,
+                           multipliers: dict[str, float] | None = None) -> atrophy.AtrophySolution:
+    """The ``subject`` truth's atrophy solve from the baseline to ``age`` on the subject's own maps.
+
+    ``multipliers`` default to the subject's drawn rate multipliers (the truth); ``{}`` gives the
+    cohort's mean rates with the same group and conversion age (the evaluation's ``oracle-cohort``).
+    """
+    plan = anatomy.plan
+    target_cohort = "HC" if plan["group"] == "HC" else "AD"
+    chosen = plan["rate_multipliers"] if multipliers is None else multipliers
+    targets = bank.model.targets(target_cohort, plan["baseline_age"], age, plan["transition_age"], chosen)
+    return atrophy.solve_ageing_svf(anatomy.subject_maps, anatomy.names, targets, anatomy.spacing_zyx,
+                                    balance_region=bank.model.balance_region,
+                                    solve_spacing_mm=config.solve_spacing_mm, full_rounds=config.solver_rounds,
+                                    source_maps=anatomy.maps, pre_displacement=anatomy.phi)
+
+
+def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfig, log=print) -> tuple[dict, list[dict]]:
+    """Build one subject: returns (plan, scans); each scan holds numpy images, label maps and, for
+    follow-ups, one entry per truth in ``scan["truths"]``."""
+    a = subject_anatomy(index, bank, grid, config)
+    plan, rng, spacing_zyx, voxel_ml, values, names = a.plan, a.rng, a.spacing_zyx, a.voxel_ml, a.values, a.names
+    template, maps, template_volumes, phi, subject_maps = a.template, a.maps, a.template_volumes, a.phi, a.subject_maps
+    shape = tuple(template.shape)
     icv = (subject_maps.sum(0) > 0.5).numpy()
     min_jac = float(fields.jacobian_determinant(phi).min())
     base_volumes = summary_volumes_from_maps(subject_maps, values, bank.label_names, voxel_ml)
@@ -457,11 +514,7 @@ def make_subject(index: int, bank: Bank, grid: fields.Grid, config: PhantomConfi
                                          plan["rate_multipliers"])
             for truth in config.truths:
                 if truth == "subject":
-                    solution = atrophy.solve_ageing_svf(subject_maps, names, targets, spacing_zyx,
-                                                        balance_region=bank.model.balance_region,
-                                                        solve_spacing_mm=config.solve_spacing_mm,
-                                                        full_rounds=config.solver_rounds,
-                                                        source_maps=maps, pre_displacement=phi)
+                    solution = subject_truth_solution(a, bank, config, age)
                 else:
                     split, split_names, split_targets = _pattern_maps(
                         subject_maps, names, targets, plan["pattern_contrast"], spacing_zyx,

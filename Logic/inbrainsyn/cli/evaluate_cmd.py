@@ -6,7 +6,8 @@ from pathlib import Path
 
 # inbrainsyn.evaluate.METHODS, spelled out so that building the parser does not import the engine
 # (Testing/test_cli_common.py checks that the two agree)
-METHODS = ("oracle", "pole", "schild", "conjugation", "half-conjugation", "untransported", "template", "copy")
+METHODS = ("oracle", "oracle-cohort", "oracle-conjugation", "pole", "schild", "conjugation", "half-conjugation",
+           "untransported", "template", "copy")
 
 
 def add_parser(subparsers) -> None:
