@@ -236,7 +236,6 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from inbrainsyn import evaluate as ev
-    from inbrainsyn import io
     from inbrainsyn.daninet import data, preview
     from inbrainsyn.daninet.evaluate import METHODS, evaluate_subject, markdown_table
 
@@ -269,24 +268,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                  cache_dir=args.inbrainsyn_cache)
     summary = ev.summarise(rows, list(METHODS) + (["inbrainsyn"] if args.with_inbrainsyn else []))
     table = markdown_table(summary)
-    with io.staged_output_dir(args.output, args.overwrite) as stage:
-        with open(stage / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
-        (stage / "table.md").write_text(table, encoding="utf-8")
-        io.write_json({"tool": "inbrainsyn", "command": "daninet evaluate", "data": str(Path(args.data).absolute()),
-                       "subjects": chosen, "summary": summary,
-                       "outputs": [{"kind": "metrics", "path": "metrics.csv"}, {"kind": "table", "path": "table.md"}]},
-                      stage / "manifest.json")
-    print(table)
-    return 0
+    return _write_evaluation(args, rows, table, {"subjects": chosen, "summary": summary})
 
 
 def _evaluate_flow(args: argparse.Namespace, model) -> int:
     """``daninet evaluate`` for the slice-ageing model: a phantom folder, clean truths, ventricle areas."""
     from inbrainsyn import evaluate as ev
-    from inbrainsyn import io
     from inbrainsyn.daninet import flow_evaluate
     from inbrainsyn.templates import load_bank
 
@@ -311,6 +298,13 @@ def _evaluate_flow(args: argparse.Namespace, model) -> int:
                                                inbrainsyn_cache=args.inbrainsyn_cache)
     summary = flow_evaluate.summary(rows)
     table = flow_evaluate.markdown(summary)
+    return _write_evaluation(args, rows, table, {"subjects": chosen, "slice_stride": stride, "summary": summary})
+
+
+def _write_evaluation(args, rows: list, table: str, manifest: dict) -> int:
+    """Publish an evaluation (metrics.csv, table.md, manifest.json) atomically and print the table."""
+    from inbrainsyn import io
+
     with io.staged_output_dir(args.output, args.overwrite) as stage:
         with open(stage / "metrics.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
@@ -318,7 +312,7 @@ def _evaluate_flow(args: argparse.Namespace, model) -> int:
             w.writerows(rows)
         (stage / "table.md").write_text(table, encoding="utf-8")
         io.write_json({"tool": "inbrainsyn", "command": "daninet evaluate", "data": str(Path(args.data).absolute()),
-                       "subjects": chosen, "slice_stride": stride, "summary": summary,
+                       **manifest,
                        "outputs": [{"kind": "metrics", "path": "metrics.csv"}, {"kind": "table", "path": "table.md"}]},
                       stage / "manifest.json")
     print(table)
