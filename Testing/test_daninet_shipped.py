@@ -159,3 +159,26 @@ def test_cli_preview_writes_slices_strip_and_manifest(model, template_volume, tm
     # an existing output is refused without --overwrite
     assert main(["daninet", "preview", str(src), "--age", "70", "--cohort", "HC", "--targets", "75",
                  "--slice", str(k), "-o", str(out)]) != 0
+
+
+def test_shipped_model_records_the_bank_template_grid(model):
+    """A preview with a reused alignment takes the template grid from the weights, not the bank: the
+    recorded geometry must be the shipped bank's grid (else slices would land in the wrong place)."""
+    from inbrainsyn.daninet.preview import template_grid
+    from inbrainsyn.templates import load_bank
+
+    recorded, mask = template_grid(model), load_bank(None).mask
+    assert recorded is not None
+    assert recorded.GetSize() == mask.GetSize()
+    assert recorded.GetSpacing() == pytest.approx(mask.GetSpacing(), abs=1e-6)
+    assert recorded.GetOrigin() == pytest.approx(mask.GetOrigin(), abs=1e-6)
+    assert recorded.GetDirection() == pytest.approx(mask.GetDirection(), abs=1e-9)
+
+
+def test_weights_without_a_recorded_grid_fall_back_to_the_bank(model):
+    from inbrainsyn.daninet.preview import template_grid
+
+    class Bare:
+        meta = {"grid_size_zyx": model.meta["grid_size_zyx"]}
+
+    assert template_grid(Bare()) is None

@@ -240,3 +240,40 @@ def test_flow_evaluation_summary_pairs_methods_by_follow_up():
     assert out["ventricles"]["ratio_pred_true"] == pytest.approx(0.5)
     assert out["ventricles"]["same_sign_fraction"] == 1.0
     assert "| daninet - copy, psnr | +0.5250 |" in markdown(out)
+
+
+# ---------------------------------------------------------------- the preview's PNG strip
+
+
+def test_diverging_map_ends_centre_and_clipping():
+    from inbrainsyn.daninet.strip import DIVERGING_ANCHORS, diverging_rgb
+
+    rgb = diverging_rgb(np.array([[-0.2, 0.0, 0.2, 5.0, -5.0]]), 0.2)
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 5, 3)
+    assert rgb[0, 0].tolist() == DIVERGING_ANCHORS[0].tolist()  # loss -> blue end
+    assert rgb[0, 1].tolist() == DIVERGING_ANCHORS[3].tolist()  # no change -> near white
+    assert rgb[0, 2].tolist() == DIVERGING_ANCHORS[-1].tolist()  # gain -> red end
+    assert rgb[0, 3].tolist() == rgb[0, 2].tolist() and rgb[0, 4].tolist() == rgb[0, 0].tolist()
+
+
+def test_strip_layout_grey_levels_and_first_row_at_the_bottom(tmp_path):
+    """A 40 x 20 slice (rows x columns), dark except a bright first row, and one prediction that
+    darkens everything by 0.25: the baseline panel is grey 0.5 (128) with its bright row at the
+    bottom, the change panel is the blue end of the map (the change equals the colour scale)."""
+    from PIL import Image
+
+    from inbrainsyn.daninet import strip
+
+    x = np.full((40, 20), 0.5, dtype=np.float32)
+    x[0] = 1.0
+    path = tmp_path / "strip.png"
+    strip.write_strip_png(x, [x - 0.25], ["baseline 70.0 y", "75.0 y"], "title", path)
+    image = np.asarray(Image.open(path).convert("RGB"))
+    h, w = strip.PANEL, strip.PANEL // 2  # longer side (rows) scaled to PANEL
+    top = 2 * strip.LABEL_HEIGHT
+    assert image.shape[1] == strip.MARGIN + 2 * (w + strip.MARGIN)
+    panel = image[top:top + h, strip.MARGIN:strip.MARGIN + w]
+    assert np.abs(panel[h // 2].astype(int) - 128).max() <= 1
+    assert panel[-1].min() >= 250 and panel[0].max() <= 130  # first row shown at the bottom
+    change = image[top + h + strip.LABEL_HEIGHT: top + 2 * h + strip.LABEL_HEIGHT, 2 * strip.MARGIN + w: 2 * strip.MARGIN + 2 * w]
+    assert np.abs(change[h // 2, w // 2].astype(int) - strip.DIVERGING_ANCHORS[0]).max() <= 1

@@ -139,7 +139,8 @@ def _train_flow(args: argparse.Namespace, out: Path, train_scans, train_subj, he
                                   identity=args.identity_alignment)
     print(f"{len(prepared['subject'])} scans of {len(train_subj)} subjects, slices {band[0]} .. {band[1]} "
           f"({time.time() - t0:.0f}s)", flush=True)
-    model = flow_train.new_model(band, prepared["grid_size_zyx"], tiny=args.tiny)
+    model = flow_train.new_model(band, prepared["grid_size_zyx"], tiny=args.tiny,
+                                 grid_geometry=prepared.get("grid_geometry"))
     model.meta.update({"train_subjects": train_subj, "heldout_subjects": held, "data": str(Path(args.data).absolute()),
                        "slice_stride": 1, "age_range": [float(prepared["age"].min()), float(prepared["age"].max())],
                        "trained_on": "synthetic phantom cohort; see MODEL_CARD.md"})
@@ -193,15 +194,23 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
         image, reference, transform = native, native, sitk.Transform(3, sitk.sitkIdentity)
     else:
         from inbrainsyn.daninet import alignment as align
-        from inbrainsyn.templates import load_bank
 
-        bank = load_bank(None)
+        def load_bank():  # imported only when needed: importing and validating the bank costs ~0.5 s
+            from inbrainsyn.templates import load_bank as load
+
+            return load(None)
+
         if args.alignment:
             reporter.progress("align", 0.1, f"reusing the alignment in {args.alignment}")
             transform = align.read_alignment(args.alignment, native)
             alignment = f"reused from {Path(args.alignment).absolute()}"
-            reference = bank.mask  # only the template grid is needed (an age's template costs ~1 s to build)
+            # only the template grid is needed: the model's own record of it when it has one (no
+            # bank to import and validate: ~0.5 s of a fresh process), else the bank's mask
+            reference = preview.template_grid(model)
+            if reference is None:
+                reference = load_bank().mask
         else:
+            bank = load_bank()
             lo, hi = bank.age_range(args.cohort)
             reference = bank.template(args.cohort, min(max(args.age, lo), hi))
             reporter.progress("align", 0.1, "coarse affine alignment to the template")

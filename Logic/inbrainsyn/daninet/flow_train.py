@@ -87,7 +87,8 @@ def prepare(scans: list[Scan], band: tuple[int, int], cache: Path, frame_size: i
             dx.append(s.dx)
         grid = list(reversed(reference.GetSize()))
     data = {"frames": torch.stack(frames), "subject": subj, "age": torch.tensor(ages, dtype=torch.float32),
-            "dx": torch.tensor(dx), "slices": ks, "grid_size_zyx": grid}
+            "dx": torch.tensor(dx), "slices": ks, "grid_size_zyx": grid,
+            "grid_geometry": geometry.grid_geometry(bank.mask)}
     tmp = cache.with_name(cache.name + ".tmp")
     torch.save(data, tmp)
     tmp.replace(cache)
@@ -193,11 +194,15 @@ def write_history(history: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def new_model(band: tuple[int, int], grid_size_zyx, tiny: bool = False) -> SliceAgeingNet:
+def new_model(band: tuple[int, int], grid_size_zyx, tiny: bool = False,
+              grid_geometry: dict | None = None) -> SliceAgeingNet:
+    """An untrained model for the template grid of size ``grid_size_zyx``; ``grid_geometry``
+    (spacing, origin, direction of that grid, :func:`geometry.grid_geometry`) lets a preview with a
+    reused alignment run without loading the template bank."""
     cfg = FlowConfig(slice_band=tuple(band)) if not tiny else FlowConfig(slice_band=tuple(band), channels=(4, 8),
                                                                          frame_size=32, net_size=16)
     model = SliceAgeingNet(cfg)
-    model.meta = {"kind": "flow", "grid_size_zyx": list(grid_size_zyx)}
+    model.meta = {"kind": "flow", "grid_size_zyx": list(grid_size_zyx), **(grid_geometry or {})}
     return model
 
 

@@ -92,3 +92,9 @@ def from_frame(frame: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     py, px = side - ny, side - nx
     t = t[:, 0, py // 2: py // 2 + ny, px // 2: px // 2 + nx]
     return t.numpy().astype(np.float32)
+
+
+def grid_geometry(image: sitk.Image) -> dict:
+    """``{"spacing", "origin", "direction"}`` of an image as lists (ITK x, y, z order), for model metadata."""
+    return {"spacing": list(image.GetSpacing()), "origin": list(image.GetOrigin()),
+            "direction": list(image.GetDirection())}

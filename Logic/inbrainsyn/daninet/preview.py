@@ -71,6 +71,20 @@ def load_model(weights: str | Path | None = None):
     return _load_cached(str(path.resolve()), path.stat().st_mtime)
 
 
+def template_grid(model) -> sitk.Image | None:
+    """An empty image on the template grid the model was trained on, from ``model.meta``
+    (``grid_size_zyx``, ``spacing``, ``origin``, ``direction`` in ITK's x, y, z order), or None when
+    the weights do not record the grid's geometry (then the caller reads it from the bank)."""
+    meta = getattr(model, "meta", None) or {}
+    if not all(key in meta for key in ("grid_size_zyx", "spacing", "origin", "direction")):
+        return None
+    image = sitk.Image([int(n) for n in reversed(meta["grid_size_zyx"])], sitk.sitkUInt8)
+    image.SetSpacing([float(v) for v in meta["spacing"]])
+    image.SetOrigin([float(v) for v in meta["origin"]])
+    image.SetDirection([float(v) for v in meta["direction"]])
+    return image
+
+
 def _check_targets(targets) -> list[float]:
     out = []
     for t in list(targets):
@@ -308,32 +322,15 @@ def _slice_image(array: np.ndarray, reference: sitk.Image | None, slice_index: i
 
 
 def write_strip(result: dict, path: Path) -> None:
-    """PNG strip: baseline and each target (top), change from baseline (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """PNG strip: baseline and each target (top), change from baseline (bottom); see ``strip.py``."""
     from inbrainsyn import io
+    from inbrainsyn.daninet.strip import write_strip_png
 
-    n = 1 + len(result["targets"])
-    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.4), squeeze=False)
-    x = result["baseline"]
-    panels = [(x, f"baseline {result['age']:.1f} y")] + [(p, f"{t:.1f} y") for p, t in zip(result["predictions"], result["targets"])]
-    vmax = max(float(np.abs(p - x).max()) for p in result["predictions"]) or 1e-3
-    for j, (img, title) in enumerate(panels):
-        axes[0, j].imshow(img, cmap="gray", vmin=0, vmax=1, origin="lower")
-        axes[0, j].set_title(title, fontsize=9)
-        diff = axes[1, j].imshow(img - x, cmap="RdBu_r", vmin=-vmax, vmax=vmax, origin="lower")
-        axes[1, j].set_title("change" if j else "", fontsize=8)
-        for ax in axes[:, j]:
-            ax.axis("off")
-    fig.colorbar(diff, ax=axes[1, :].tolist(), shrink=0.7, label="intensity change")
-    fig.suptitle(f"DaniNet slice preview, slice {result['slice_index']}, {result['cohort']} "
-                 "(model trained on synthetic data)", fontsize=10)
+    labels = [f"baseline {result['age']:.1f} y"] + [f"{t:.1f} y" for t in result["targets"]]
+    title = (f"DaniNet slice preview, slice {result['slice_index']}, {result['cohort']} "
+             "(model trained on synthetic data)")
     with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+        write_strip_png(result["baseline"], result["predictions"], labels, title, tmp)
 
 
 def write_preview(result: dict, outdir: str | Path, inputs: dict, parameters: dict, reference: sitk.Image | None = None,
