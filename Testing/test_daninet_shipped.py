@@ -182,3 +182,28 @@ def test_weights_without_a_recorded_grid_fall_back_to_the_bank(model):
         meta = {"grid_size_zyx": model.meta["grid_size_zyx"]}
 
     assert template_grid(Bare()) is None
+
+
+def test_preview_keeps_the_baseline_outside_the_template_brain(model, template_volume):
+    """With the template's brain mask the slice-ageing change stays within the margin of the brain:
+    a bright 'scalp' ring painted 6-9 mm outside the mask is returned unchanged at 85 y, while the
+    brain itself changes; without the mask the model changes the ring."""
+    from scipy import ndimage
+
+    from inbrainsyn.daninet.preview import template_brain_mask
+
+    mask = template_brain_mask()
+    k = mid_slice(model)
+    vol = geometry.normalise_intensity(sitk.GetArrayFromImage(template_volume))
+    outside = ndimage.distance_transform_edt(sitk.GetArrayViewFromImage(mask)[k] == 0, sampling=(1.5, 1.5))
+    ring = (outside > 6.0) & (outside < 9.0)
+    vol[k][ring] = 0.8
+    image = sitk.GetImageFromArray(vol)
+    image.CopyInformation(template_volume)
+    kept = preview_slices(image, k, 70.0, "AD", [85.0], model=model, brain_mask=mask)
+    free = preview_slices(image, k, 70.0, "AD", [85.0], model=model)
+    x = kept["baseline"]
+    assert np.array_equal(kept["predictions"][0][ring], x[ring])
+    assert np.abs(free["predictions"][0][ring] - x[ring]).max() > 0.05  # the ring would be "aged"
+    brain = sitk.GetArrayViewFromImage(mask)[k] > 0
+    assert np.abs(kept["predictions"][0][brain] - x[brain]).max() > 0.05

@@ -277,3 +277,14 @@ def test_strip_layout_grey_levels_and_first_row_at_the_bottom(tmp_path):
     assert panel[-1].min() >= 250 and panel[0].max() <= 130  # first row shown at the bottom
     change = image[top + h + strip.LABEL_HEIGHT: top + 2 * h + strip.LABEL_HEIGHT, 2 * strip.MARGIN + w: 2 * strip.MARGIN + 2 * w]
     assert np.abs(change[h // 2, w // 2].astype(int) - strip.DIVERGING_ANCHORS[0]).max() <= 1
+
+
+def test_brain_weight_is_one_inside_and_falls_to_zero_beyond_the_margin():
+    """A half-plane mask (columns < 10) on 1.5 x 2 mm pixels: the weight depends on the column's
+    distance d = 2 (c - 9) mm from the mask: 1 up to the margin, linear to 0 over the ramp."""
+    mask = np.zeros((5, 20), dtype=np.uint8)
+    mask[:, :10] = 1
+    w = geometry.brain_weight(mask, (1.5, 2.0), margin_mm=2.0, ramp_mm=4.0)
+    expected = np.clip((2.0 + 4.0 - 2.0 * np.maximum(np.arange(20) - 9, 0)) / 4.0, 0, 1)
+    assert np.allclose(w, expected[None, :].repeat(5, axis=0), atol=1e-6)
+    assert not geometry.brain_weight(np.zeros((4, 4)), (1.0, 1.0)).any()

@@ -73,6 +73,9 @@ def add_parser(subparsers) -> None:
     e.add_argument("--inbrainsyn-cache", default=None,
                    help="folder to keep/reuse InBrainSyn's predicted volumes (slice-ageing model: scored "
                         "when present there, never computed)")
+    e.add_argument("--inputs", choices=["stripped", "head"], default="stripped",
+                   help="slice-ageing model on a phantom: the baseline the preview gets, skull-stripped or with "
+                        "skull and scalp (the truth is the clean stripped follow-up either way)")
     e.add_argument("-o", "--output", required=True)
     e.set_defaults(func=run_evaluate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -227,15 +230,22 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
         reporter.log(f"native slice {args.native_slice} -> template slice {slice_index}")
     reporter.progress("predict", 0.6, f"DaniNet on template slice {slice_index}")
     from inbrainsyn import fields
+    from inbrainsyn.daninet import geometry
 
+    brain_mask = None
+    if preview.is_flow(model):  # changes kept near the template brain when the model is on the bank's grid
+        mask = preview.template_brain_mask()
+        if tuple(reversed(mask.GetSize())) == grid:
+            brain_mask = mask
     result = preview.preview_slices(image, slice_index, args.age, args.cohort, args.targets, model=model,
                                     device=fields.resolve_device(args.device),
-                                    finetune_steps=args.finetune_steps, assembly=args.assembly)
+                                    finetune_steps=args.finetune_steps, assembly=args.assembly, brain_mask=brain_mask)
     reporter.progress("write", 0.9, f"writing {args.output}")
     manifest = preview.write_preview(
         result, args.output, inputs=inputs,
         parameters={"weights": str(Path(args.weights).absolute()) if args.weights else "shipped",
-                    "alignment": alignment},
+                    "alignment": alignment,
+                    "change_within_mm_of_template_brain": geometry.BRAIN_MARGIN_MM if brain_mask is not None else None},
         reference=reference, overwrite=args.overwrite, extra_timings={"load_and_align": t_align})
     reporter.progress("write", 1.0, "done")
     if not args.json:
@@ -304,10 +314,11 @@ def _evaluate_flow(args: argparse.Namespace, model) -> int:
     for name in chosen:
         print(f"evaluating {name} ({len(cohort[name]) - 1} follow-ups)", flush=True)
         rows += flow_evaluate.evaluate_subject(model, cohort[name], bank, stride=stride,
-                                               inbrainsyn_cache=args.inbrainsyn_cache)
+                                               inbrainsyn_cache=args.inbrainsyn_cache, inputs=args.inputs)
     summary = flow_evaluate.summary(rows)
     table = flow_evaluate.markdown(summary)
-    return _write_evaluation(args, rows, table, {"subjects": chosen, "slice_stride": stride, "summary": summary})
+    return _write_evaluation(args, rows, table, {"subjects": chosen, "slice_stride": stride, "inputs": args.inputs,
+                                                 "summary": summary})
 
 
 def _write_evaluation(args, rows: list, table: str, manifest: dict) -> int:

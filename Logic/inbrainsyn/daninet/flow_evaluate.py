@@ -38,6 +38,7 @@ from inbrainsyn.daninet import conditioning as cond
 from inbrainsyn.daninet import geometry
 from inbrainsyn.daninet.evaluate import slice_metrics
 from inbrainsyn.daninet.preview import flow_apply, flow_rates_on_slice
+from inbrainsyn.errors import InputError
 
 VENTRICLE_LABEL = 1
 # copy-blur: the baseline slice smoothed by the low-pass a half-pixel bilinear shift applies (weights
@@ -53,6 +54,9 @@ def _on_template(path, reference, transform, nearest=False) -> np.ndarray:
     return sitk.GetArrayFromImage(out)
 
 
+INPUTS = ("stripped", "head")
+
+
 def stripped_image(scan):
     """The skull-stripped image of a phantom scan (``inbrainsyn.evaluate.read_cohort`` gives the
     head image for the subjects marked ``input = head``; the model was trained on stripped slices)."""
@@ -61,9 +65,22 @@ def stripped_image(scan):
     return scan.image
 
 
+def head_image(scan):
+    """The image with skull and scalp of a phantom scan (``<scan>_head.nii.gz`` beside the stripped one)."""
+    stripped = stripped_image(scan)
+    head = stripped.with_name(stripped.name.replace("_T1w", "_head"))
+    if not head.is_file():
+        raise InputError(f"no image with skull for {scan.subject}: {head} is missing (phantoms write one per scan)")
+    return head
+
+
 @torch.no_grad()
-def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_cache=None) -> list[dict]:
+def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_cache=None, inputs: str = "stripped") -> list[dict]:
     """Rows for one subject (``scans``: ``inbrainsyn.evaluate.Scan`` list, baseline first).
+
+    ``inputs``: the baseline the preview gets, ``"stripped"`` or ``"head"`` (with skull and scalp:
+    aligned by the same coarse affine, and the prediction's change kept near the template brain as
+    the CLI does, ``geometry.brain_weight``); the truth is the clean, stripped follow-up either way.
 
     ``inbrainsyn_cache``: a folder of InBrainSyn's predicted follow-ups on the subject's own grid
     (``<subject>_age<T>.nii.gz``, as ``daninet.evaluate.inbrainsyn_predictions`` caches them); when
@@ -73,7 +90,9 @@ def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_cache=None)
     cohort = "AD" if cond.diagnosis_class(base.group) == 3 else "HC"
     lo_age, hi_age = bank.age_range(cohort)
     reference = bank.template(cohort, min(max(base.age, lo_age), hi_age))
-    native = sitk.ReadImage(str(stripped_image(base)), sitk.sitkFloat32)
+    if inputs not in INPUTS:
+        raise InputError(f"unknown inputs {inputs!r}; use one of {', '.join(INPUTS)}")
+    native = sitk.ReadImage(str(head_image(base) if inputs == "head" else stripped_image(base)), sitk.sitkFloat32)
     transform = align.coarse_alignment(native, reference, bank.mask)
     vol0 = geometry.normalise_intensity(sitk.GetArrayFromImage(align.to_template_grid(native, reference, transform)))
     lab0 = _on_template(base.labels, reference, transform, nearest=True)
@@ -84,6 +103,8 @@ def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_cache=None)
     dx = cond.diagnosis_class(cohort)
     lo, hi = model.cfg.slice_band
     ks = list(range(lo, hi + 1, stride))
+    brain = sitk.GetArrayViewFromImage(bank.mask)
+    weights = {k: geometry.brain_weight(brain[k], (spacing[1], spacing[0])) for k in ks}  # as the CLI preview
     rates = {}
     for k in ks:
         frame = geometry.to_frame(vol0[k][None], model.cfg.frame_size)
@@ -107,7 +128,7 @@ def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_cache=None)
             if mask.sum() < 50:
                 continue
             u, r = rates[k]
-            pred = flow_apply(vol0[k], u, r, gap)
+            pred = flow_apply(vol0[k], u, r, gap, weights[k])
             per["daninet"].append(slice_metrics(pred, clean[k], mask))
             per["copy"].append(slice_metrics(vol0[k], clean[k], mask))
             per["copy-blur"].append(slice_metrics(gaussian_filter(vol0[k], BLUR_SIGMA_PX), clean[k], mask))
@@ -121,7 +142,7 @@ def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_cache=None)
             if not values:
                 continue
             row = {"subject": base.subject, "group": base.group, "age_from": base.age, "age": fu.age,
-                   "method": method, "truth": "subject", "slices": len(values),
+                   "method": method, "truth": "subject", "inputs": inputs, "slices": len(values),
                    **{m: float(np.mean([v[m] for v in values])) for m in ("psnr", "ssim", "mae")},
                    "vent_true_mm2": vent["true"],
                    "vent_pred_mm2": vent["daninet"] if method == "daninet" else (0.0 if method.startswith("copy") else float("nan"))}

@@ -141,22 +141,42 @@ def flow_rates_on_slice(model, frame: torch.Tensor, shape: tuple[int, int], age:
     return out[:, :2], out[:, 2:]
 
 
-def flow_apply(x: np.ndarray, u: torch.Tensor, r: torch.Tensor, gap: float) -> np.ndarray:
-    """y = clip(W(x; gap u) + gap r) on the slice grid; x (Y, X) in [0, 1] -> (Y, X) in [0, 1]."""
+def flow_apply(x: np.ndarray, u: torch.Tensor, r: torch.Tensor, gap: float,
+               weight: np.ndarray | None = None) -> np.ndarray:
+    """y = clip(W(x; gap u) + gap r) on the slice grid; x (Y, X) in [0, 1] -> (Y, X) in [0, 1].
+
+    ``weight`` (Y, X) in [0, 1] (:func:`geometry.brain_weight`): y <- x + weight (y - x), so the
+    prediction keeps the baseline where the weight is 0 (outside the brain)."""
     from inbrainsyn.daninet.flow import SliceAgeingNet
 
     if gap == 0:  # y(a0) = x: no resampling round-off
         return np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
     xt = torch.as_tensor(np.asarray(x, dtype=np.float32))[None, None] * 2.0 - 1.0
     y = SliceAgeingNet.warp(xt, gap * u) + gap * r
-    return ((y.clamp(-1.0, 1.0) + 1.0) * 0.5)[0, 0].numpy().astype(np.float32)
+    y = ((y.clamp(-1.0, 1.0) + 1.0) * 0.5)[0, 0].numpy().astype(np.float32)
+    if weight is not None:
+        x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
+        y = (x + weight * (y - x)).astype(np.float32)
+    return y
 
 
 def flow_predictions(model, frame: torch.Tensor, x: np.ndarray, age: float, dx, slice_index: int,
-                     targets) -> list[np.ndarray]:
+                     targets, weight: np.ndarray | None = None) -> list[np.ndarray]:
     """The slice-ageing model's predictions (Y, X) in [0, 1], one per target age (rates computed once)."""
     u, r = flow_rates_on_slice(model, frame, x.shape, age, dx, slice_index)
-    return [flow_apply(x, u, r, float(t) - float(age)) for t in targets]
+    return [flow_apply(x, u, r, float(t) - float(age), weight) for t in targets]
+
+
+def template_brain_mask() -> sitk.Image:
+    """The shipped default bank's brain mask (the model's template grid), read from its file alone:
+    importing and validating the whole bank costs a fresh preview process ~0.5 s."""
+    import json
+
+    from inbrainsyn.paths import resource_path
+
+    root = resource_path("bank", "default")
+    name = json.loads((root / "bank.json").read_text())["mask"]
+    return sitk.ReadImage(str(root / name))
 
 
 def blend_bins(g: torch.Tensor, age: float) -> torch.Tensor:
@@ -247,8 +267,13 @@ def template_slice_for_native_slice(native_slice: int, native: sitk.Image, templ
 
 def preview_slices(volume_in_template_space: np.ndarray | sitk.Image, slice_index: int, age: float, cohort: str,
                    targets, weights: str | Path | None = None, finetune_steps: int = 0,
-                   model: DaniNet | None = None, assembly: str = "residual", device: torch.device | str = "cpu") -> dict:
+                   model: DaniNet | None = None, assembly: str = "residual", device: torch.device | str = "cpu",
+                   brain_mask: sitk.Image | None = None) -> dict:
     """Predict axial slice ``slice_index`` of a template-space volume at each target age.
+
+    ``brain_mask``: the template's brain mask on the same grid (:func:`template_brain_mask`); the
+    slice-ageing model's change is then kept within ``geometry.BRAIN_MARGIN_MM`` of it, so skull and
+    scalp of an input with skull stay as they are (the CLI and the Slicer module pass it).
 
     Returns a dict with ``baseline`` (Y, X) and ``predictions`` (list of (Y, X), one per target),
     both in [0, 1] on the slice's own grid, plus ``bins`` (10, Y, X) (the generator's per-bin
@@ -279,7 +304,16 @@ def preview_slices(volume_in_template_space: np.ndarray | sitk.Image, slice_inde
         if finetune_steps > 0:
             raise InputError("test-time transfer (--finetune-steps) applies to the adversarial DaniNet only; "
                              "the shipped slice-ageing model needs none")
-        preds = flow_predictions(on_device(model, device), frame, x, age, dx, k, targets)
+        weight = None
+        if brain_mask is not None:
+            if not isinstance(brain_mask, sitk.Image):  # its spacing sets the margin in mm
+                raise InputError("the brain mask must be a SimpleITK image on the template grid")
+            mask = sitk.GetArrayViewFromImage(brain_mask)
+            if mask.shape != vol.shape:
+                raise InputError(f"brain mask shape {mask.shape} is not the volume's {vol.shape}")
+            sx, sy = brain_mask.GetSpacing()[:2]
+            weight = geometry.brain_weight(mask[k], (sy, sx))
+        preds = flow_predictions(on_device(model, device), frame, x, age, dx, k, targets, weight)
         t_end = time.perf_counter()
         return {
             "baseline": x, "predictions": preds, "bins": None, "targets": targets, "age": age,
