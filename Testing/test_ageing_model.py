@@ -345,3 +345,43 @@ def test_shipped_bank_meets_the_model_between_its_stored_pieces(bank, cohort, ag
         if name in goals:
             got = math.log(float(after[i] / before[i]))
             assert abs(got - goals[name]) <= max(0.10 * abs(goals[name]), 0.005), (name, got, goals[name])
+
+
+def test_conversion_piece_is_the_hc_anatomy_aged_at_ad_rates(tmp_path):
+    """``add_conversion_svfs`` stores c = u_conv - u_AD for each AD piece, u_conv the model solved on the
+    HC template's own labels at the AD rates: the loader's converter field u_AD + c must be that solve
+    (to the compact storage's rounding), and HC pieces get none."""
+    from small_bank import make_small_bank
+
+    from inbrainsyn.templates import default_bank
+
+    root = make_small_bank(tmp_path / "small", spacing=4.0)
+    bank = load_bank(root)
+    values = sorted(bank.label_names)
+    names = [bank.label_names[v] for v in values]
+
+    def solved(cohort_labels: str, rates: str):
+        entry = next(e for e in bank.entries[cohort_labels] if e.age == 65.0)
+        maps = one_hot(bank._listed_labels(entry).long(), values)
+        return default_bank.solve(maps, names, bank.model.targets(rates, 65, 75), bank.spacing_zyx, bank.model,
+                                  f"{cohort_labels} at {rates} rates", {}, log=lambda *_: None)
+
+    u_ad, u_conv, u_hc = solved("AD", "AD"), solved("HC", "AD"), solved("HC", "HC")
+    pieces = []
+    for cohort, u in (("AD", u_ad), ("HC", u_hc)):
+        default_bank.write_compact_svf(u, bank.grid, root / f"{cohort}.nii.gz")
+        pieces.append({"cohort": cohort, "age_from": 65, "age_to": 75, "scale": default_bank.SVF_SCALE_MM,
+                       "file": f"{cohort}.nii.gz"})
+    edit_json(root, lambda d: d.update(ageing_svfs=pieces))
+    default_bank.add_conversion_svfs(root, log=lambda *_: None)
+    bank = load_bank(root)
+    assert list(bank._conversion_files) == [("AD", 65.0, 75.0)]
+    stored_ad = bank._stored(bank._ageing_files[("AD", 65.0, 75.0)])
+    stored_c = bank._stored(bank._conversion_files[("AD", 65.0, 75.0)])
+
+    def as_stored(u, name):  # the compact storage is lossy (the tolerance of every stored field): compare like with like
+        default_bank.write_compact_svf(u, bank.grid, tmp_path / name)  # (the bank caches stored fields by path)
+        return bank._stored((tmp_path / name, default_bank.SVF_SCALE_MM))
+
+    assert torch.allclose(stored_c, as_stored(u_conv - stored_ad, "conv.nii.gz"), atol=1e-6)
+    assert float((stored_c - as_stored(u_hc - stored_ad, "hc.nii.gz")).abs().max()) > 0.05  # HC rates would differ

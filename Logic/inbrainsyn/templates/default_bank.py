@@ -363,6 +363,46 @@ def build_default_bank(out_dir: Path, mni_dir: Path | None = None, aal_path: Pat
     return out_dir
 
 
+def _add_solved_pieces(bank_dir: Path, key: str, provenance: str, solve_piece, log=print) -> Path:
+    """Add one list of solved fields to a built bank: for every stored ageing piece (cohort, a0, a1),
+    ``solve_piece(bank, cohort, a0, a1, stored, solve_on)`` returns ``(field, file name, entry)`` or
+    None (skip); the field is written beside bank.json and the entries are stored under ``key``.
+
+    ``solve_on(cohort, a0, targets, what)`` solves the atrophy model for ``targets`` on the listed
+    template (cohort, a0)'s own labels, as :func:`build_default_bank` does, logging its build check.
+    Templates, labels, mask and the stored pieces are not touched.
+    """
+    from inbrainsyn import io
+    from inbrainsyn.templates.bank import load_bank
+
+    bank_dir = Path(bank_dir)
+    bank = load_bank(bank_dir)
+    if bank.model is None or not bank._ageing_files:
+        raise InputError(f"{bank_dir}: {key} need an atrophy_model and stored ageing_svfs")
+    values = sorted(bank.label_names)
+    names = [bank.label_names[v] for v in values]
+    data = json.loads((bank_dir / "bank.json").read_text(encoding="utf-8"))
+    checks = data.setdefault("build_checks_log_volume_change", {})
+
+    def solve_on(cohort: str, a0: float, targets, what: str):
+        entry = next(e for e in bank.entries[cohort] if abs(e.age - a0) < 1e-6)
+        maps = one_hot(bank._listed_labels(entry).long(), values)
+        return solve(maps, names, targets, bank.spacing_zyx, bank.model, what, checks, log)
+
+    entries = []
+    for (cohort, a0, a1), stored in sorted(bank._ageing_files.items()):
+        piece = solve_piece(bank, cohort, a0, a1, stored, solve_on)
+        if piece is None:
+            continue
+        field, name, entry = piece
+        write_compact_svf(field, bank.grid, bank_dir / name)
+        entries.append({**entry, "scale": SVF_SCALE_MM, "file": name})
+    data[key] = entries
+    data.setdefault("provenance", {})[key] = provenance
+    io.write_json(data, bank_dir / "bank.json")
+    return bank_dir
+
+
 def add_ageing_midpoints(bank_dir: Path, log=print) -> Path:
     """Solve the first half of every stored ageing piece and add ``ageing_midpoints`` to ``bank_dir``.
 
@@ -372,33 +412,17 @@ def add_ageing_midpoints(bank_dir: Path, log=print) -> Path:
     Templates, labels, mask and the stored pieces are not touched; bank.json gains ``ageing_midpoints``
     and their build checks.
     """
-    from inbrainsyn import io
-    from inbrainsyn.templates.bank import load_bank
-
-    bank_dir = Path(bank_dir)
-    bank = load_bank(bank_dir)
-    if bank.model is None or not bank._ageing_files:
-        raise InputError(f"{bank_dir}: midpoints need an atrophy_model and stored ageing_svfs")
-    values = sorted(bank.label_names)
-    names = [bank.label_names[v] for v in values]
-    data = json.loads((bank_dir / "bank.json").read_text(encoding="utf-8"))
-    checks = data.setdefault("build_checks_log_volume_change", {})
-    midpoints = []
-    for (cohort, a0, a1), stored in sorted(bank._ageing_files.items()):
-        entry = next(e for e in bank.entries[cohort] if abs(e.age - a0) < 1e-6)
-        maps = one_hot(bank._listed_labels(entry).long(), values)
+    def midpoint(bank, cohort, a0, a1, stored, solve_on):
         half = 0.5 * (a0 + a1)
-        u_half = solve(maps, names, bank.model.targets(cohort, a0, half), bank.spacing_zyx, bank.model,
-                       f"{cohort} {a0:g}->{half:g}", checks, log)
-        name = f"ageing_mid_{cohort}_{a0:03.0f}_{a1:03.0f}.nii.gz"
-        write_compact_svf(u_half - 0.5 * bank._stored(stored), bank.grid, bank_dir / name)
-        midpoints.append({"cohort": cohort, "age_from": a0, "age_to": a1, "scale": SVF_SCALE_MM, "file": name})
-    data["ageing_midpoints"] = midpoints
-    data.setdefault("provenance", {})["ageing_midpoints"] = (
+        u_half = solve_on(cohort, a0, bank.model.targets(cohort, a0, half), f"{cohort} {a0:g}->{half:g}")
+        return (u_half - 0.5 * bank._stored(stored), f"ageing_mid_{cohort}_{a0:03.0f}_{a1:03.0f}.nii.gz",
+                {"cohort": cohort, "age_from": a0, "age_to": a1})
+
+    return _add_solved_pieces(
+        bank_dir, "ageing_midpoints",
         "per ageing piece: the model solved over its first half on the same template, stored as its difference "
-        "from half the piece; the loader interpolates each piece quadratically in time (docs/templates.md section 7)")
-    io.write_json(data, bank_dir / "bank.json")
-    return bank_dir
+        "from half the piece; the loader interpolates each piece quadratically in time (docs/templates.md section 7)",
+        midpoint, log)
 
 
 def add_conversion_svfs(bank_dir: Path, log=print) -> Path:
@@ -408,31 +432,15 @@ def add_conversion_svfs(bank_dir: Path, log=print) -> Path:
     loader ages an HC -> AD converter along ``u_AD + c`` after the conversion age.  Templates, labels, mask
     and the other stored fields are not touched.
     """
-    from inbrainsyn import io
-    from inbrainsyn.templates.bank import load_bank
-
-    bank_dir = Path(bank_dir)
-    bank = load_bank(bank_dir)
-    if bank.model is None or not bank._ageing_files:
-        raise InputError(f"{bank_dir}: conversion pieces need an atrophy_model and stored ageing_svfs")
-    values = sorted(bank.label_names)
-    names = [bank.label_names[v] for v in values]
-    data = json.loads((bank_dir / "bank.json").read_text(encoding="utf-8"))
-    checks = data.setdefault("build_checks_log_volume_change", {})
-    pieces = []
-    for (cohort, a0, a1), stored in sorted(bank._ageing_files.items()):
+    def conversion(bank, cohort, a0, a1, stored, solve_on):
         if cohort != "AD":
-            continue
-        entry = next(e for e in bank.entries["HC"] if abs(e.age - a0) < 1e-6)
-        maps = one_hot(bank._listed_labels(entry).long(), values)
-        u_conv = solve(maps, names, bank.model.targets("AD", a0, a1), bank.spacing_zyx, bank.model,
-                       f"HC template at {a0:g} aged at AD rates to {a1:g}", checks, log)
-        name = f"conversion_{a0:03.0f}_{a1:03.0f}.nii.gz"
-        write_compact_svf(u_conv - bank._stored(stored), bank.grid, bank_dir / name)
-        pieces.append({"cohort": "AD", "age_from": a0, "age_to": a1, "scale": SVF_SCALE_MM, "file": name})
-    data["conversion_svfs"] = pieces
-    data.setdefault("provenance", {})["conversion_svfs"] = (
+            return None
+        u_conv = solve_on("HC", a0, bank.model.targets("AD", a0, a1), f"HC template at {a0:g} aged at AD rates to {a1:g}")
+        return (u_conv - bank._stored(stored), f"conversion_{a0:03.0f}_{a1:03.0f}.nii.gz",
+                {"cohort": "AD", "age_from": a0, "age_to": a1})
+
+    return _add_solved_pieces(
+        bank_dir, "conversion_svfs",
         "per AD ageing piece: the HC template at its start aged at the AD rates (an HC -> AD converter), stored "
-        "as its difference from the AD piece (docs/templates.md section 7)")
-    io.write_json(data, bank_dir / "bank.json")
-    return bank_dir
+        "as its difference from the AD piece (docs/templates.md section 7)",
+        conversion, log)
