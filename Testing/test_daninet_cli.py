@@ -205,6 +205,31 @@ def test_preview_reuses_a_previous_runs_alignment(template_file, tmp_path):
     assert slices["identity"] - slices["shifted"] == 4
 
 
+def test_a_previews_manifest_carries_its_alignment_to_the_next_preview(template_file, tmp_path):
+    """A preview records the affine it used and the input's grid (diagnostics); the next preview of the
+    same scan reuses it from that manifest (the Slicer module's second and later previews) and lands on
+    the same template slice, while a scan on another grid is refused."""
+    template, native, path = _shifted_scan(template_file, tmp_path)
+    first = _synthesize_like_manifest(tmp_path / "synth", np.eye(3), (0.0, 0.0, 6.0), baseline=native)
+    runs = {}
+    for name, alignment in (("first", first), ("second", tmp_path / "out_first" / "manifest.json")):
+        code, events = run_cli(["daninet", "preview", str(path), "--age", "70", "--cohort", "HC", "--targets", "80",
+                                "--native-slice", "25", "--alignment", str(alignment), "-o", str(tmp_path / f"out_{name}"),
+                                "--json"])
+        assert code == 0, events
+        runs[name] = json.loads((tmp_path / f"out_{name}" / "manifest.json").read_text())
+    recorded = runs["first"]["diagnostics"]
+    assert np.allclose(recorded["affine_matrix"], np.eye(3)) and np.allclose(recorded["affine_offset"], (0, 0, 6.0))
+    assert tuple(recorded["input_geometry"]["size"]) == native.GetSize()
+    assert runs["second"]["inputs"]["slice"] == runs["first"]["inputs"]["slice"]
+    assert runs["second"]["parameters"]["alignment"].startswith("reused from")
+    from inbrainsyn.daninet.alignment import read_alignment
+
+    other = sitk.Image([10, 12, 14], sitk.sitkFloat32)
+    with pytest.raises(InputError, match="belongs to another scan"):
+        read_alignment(tmp_path / "out_first" / "manifest.json", other)
+
+
 def test_alignment_of_another_scan_is_refused(template_file, tmp_path):
     from inbrainsyn.daninet.alignment import read_alignment
 

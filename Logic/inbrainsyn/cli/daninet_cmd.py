@@ -58,8 +58,8 @@ def add_parser(subparsers) -> None:
                    help="the input is already on the model's template grid (skip the affine alignment)")
     v.add_argument("--alignment", default=None, metavar="FILE",
                    help="reuse an alignment instead of registering: the manifest.json of an earlier "
-                        "'inbrainsyn synthesize' run of this scan, or an ITK transform file (template mm -> input mm); "
-                        "without it a coarse (8/4 mm) affine is computed")
+                        "'inbrainsyn synthesize' or 'daninet preview' run of this scan, or an ITK transform file "
+                        "(template mm -> input mm); without it a coarse (8/4 mm) affine is computed")
     v.set_defaults(func=run_preview)
 
     e = sub.add_parser("evaluate", help="held-out subjects: predicted slices vs true follow-ups")
@@ -193,6 +193,7 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
     if args.native_slice is not None:  # refuse a slice outside the input before the (slow) alignment
         preview.check_native_slice(args.native_slice, native, args.input)
     alignment = "none (input on the template grid)"
+    diagnostics = None
     if args.in_template_space or tuple(reversed(native.GetSize())) == grid:
         image, reference, transform = native, native, sitk.Transform(3, sitk.sitkIdentity)
     else:
@@ -220,6 +221,7 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
             transform = align.coarse_alignment(native, reference, bank.mask)
             alignment = "coarse affine (8/4 mm)"
         image = align.to_template_grid(native, reference, transform)
+        diagnostics = align.alignment_record(transform, native)  # lets the next preview of this scan reuse it
     t_align = time.perf_counter() - t0
     slice_index = args.slice
     inputs = {"image": str(Path(args.input).absolute())}
@@ -246,7 +248,8 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
         parameters={"weights": str(Path(args.weights).absolute()) if args.weights else "shipped",
                     "alignment": alignment,
                     "change_within_mm_of_template_brain": geometry.BRAIN_MARGIN_MM if brain_mask is not None else None},
-        reference=reference, overwrite=args.overwrite, extra_timings={"load_and_align": t_align})
+        reference=reference, overwrite=args.overwrite, extra_timings={"load_and_align": t_align},
+        diagnostics=diagnostics)
     reporter.progress("write", 1.0, "done")
     if not args.json:
         print(f"slice {result['slice_index']} at {', '.join(f'{t:g}' for t in result['targets'])} y: {manifest}")

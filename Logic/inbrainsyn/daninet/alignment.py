@@ -57,7 +57,8 @@ def read_alignment(path: str | Path, native: sitk.Image) -> sitk.Transform:
     """The affine ``A`` (template mm -> input mm) saved by an earlier run of the same scan.
 
     ``path``: a ``manifest.json`` written by ``inbrainsyn synthesize`` (its ``baseline.nii.gz``, when
-    present beside it, must have ``native``'s grid: an alignment of another scan is refused), or an
+    present beside it, must have ``native``'s grid: an alignment of another scan is refused) or by
+    ``inbrainsyn daninet preview`` (which records the input's grid: checked the same way), or an
     ITK transform file (``.tfm``, ``.txt``, ``.h5``, ``.mat``) mapping template physical points to
     input physical points, as ITK registration returns it.
     """
@@ -73,12 +74,22 @@ def read_alignment(path: str | Path, native: sitk.Image) -> sitk.Transform:
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{path} holds no affine alignment (expected the manifest.json of an "
                              f"'inbrainsyn synthesize' run with diagnostics.affine_matrix/affine_offset): {exc}") from None
+        recorded = diagnostics.get("input_geometry")  # a preview's manifest records the grid it aligned
         baseline = path.parent / "baseline.nii.gz"
-        if baseline.is_file():
-            theirs, ours = file_geometry(baseline), geometry(native)
+        theirs = None
+        if isinstance(recorded, dict):
+            try:
+                theirs = tuple(tuple(recorded[k]) for k in ("size", "spacing", "origin", "direction"))
+            except (KeyError, TypeError) as exc:
+                raise InputError(f"{path}: diagnostics.input_geometry is incomplete ({exc}); "
+                                 "drop --alignment to align this scan afresh") from None
+        elif baseline.is_file():
+            theirs = file_geometry(baseline)
+        if theirs is not None:
+            ours = geometry(native)
             if not same_grid(theirs, ours):
                 raise InputError(
-                    f"the alignment in {path} belongs to another scan: its baseline.nii.gz has size {theirs[0]}, "
+                    f"the alignment in {path} belongs to another scan: its input had size {theirs[0]}, "
                     f"origin {tuple(round(v, 2) for v in theirs[2])}; the input has size {ours[0]}, origin "
                     f"{tuple(round(v, 2) for v in ours[2])}. Drop --alignment to align this scan afresh")
         return transform
@@ -101,6 +112,19 @@ def coarse_alignment(native: sitk.Image, template: sitk.Image, brain_mask: sitk.
                           affine_iterations=100, threads=2)
     return affine_register(template, normalise_intensity(native), fixed_mask=dilate_mask(brain_mask, 10.0),
                            config=config, seed=seed)
+
+
+def alignment_record(transform: sitk.Transform, native: sitk.Image) -> dict:
+    """What a manifest records so that :func:`read_alignment` can reuse ``transform`` for ``native``:
+    ``affine_matrix`` / ``affine_offset`` (``A(p) = M p + t``, template mm -> input mm, as
+    ``inbrainsyn synthesize`` writes them) and the input's grid (``input_geometry``)."""
+    from inbrainsyn.native import affine_parts
+
+    matrix, offset = affine_parts(transform)
+    size, spacing, origin, direction = geometry(native)
+    return {"affine_matrix": matrix.tolist(), "affine_offset": offset.tolist(),
+            "input_geometry": {"size": list(size), "spacing": list(spacing), "origin": list(origin),
+                               "direction": list(direction)}}
 
 
 def to_template_grid(native: sitk.Image, template: sitk.Image, transform: sitk.Transform) -> sitk.Image:

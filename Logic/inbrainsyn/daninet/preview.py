@@ -368,8 +368,11 @@ def write_strip(result: dict, path: Path) -> None:
 
 
 def write_preview(result: dict, outdir: str | Path, inputs: dict, parameters: dict, reference: sitk.Image | None = None,
-                  overwrite: bool = False, extra_timings: dict | None = None) -> Path:
-    """Write slices (2D NIfTI), ``strip.png`` and ``manifest.json`` into ``outdir`` atomically."""
+                  overwrite: bool = False, extra_timings: dict | None = None, diagnostics: dict | None = None) -> Path:
+    """Write slices (2D NIfTI), ``strip.png`` and ``manifest.json`` into ``outdir`` atomically.
+
+    ``diagnostics``: the alignment used (``alignment.alignment_record``), so that a later preview of
+    the same scan can reuse it (``--alignment OUTDIR/manifest.json``)."""
     from inbrainsyn import __version__, io
 
     k = result["slice_index"]
@@ -397,5 +400,7 @@ def write_preview(result: dict, outdir: str | Path, inputs: dict, parameters: di
             "outputs": outputs,
             "note": "DaniNet slice preview from a model trained on synthetic (phantom) data; not for clinical use.",
         }
+        if diagnostics:
+            manifest["diagnostics"] = diagnostics
         io.write_json(manifest, stage / "manifest.json")
     return Path(outdir).absolute() / "manifest.json"
