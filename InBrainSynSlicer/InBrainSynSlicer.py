@@ -34,7 +34,7 @@ from slicer import vtkMRMLScalarVolumeNode
 from InBrainSynSlicerLib import dependencies, engine, input_volume, layout, selftest, slicer_versions
 from InBrainSynSlicerLib import runner as runner_lib
 from InBrainSynSlicerLib import scene as scene_lib
-from InBrainSynSlicerLib.manifest import ManifestError, read_preview_outputs
+from InBrainSynSlicerLib.manifest import ManifestError
 
 MODULE_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -349,7 +349,7 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 except Exception as exc:  # already shown to the user; the scene was rolled back
                     self._appendLog(f"Could not show the results: {exc}")
             elif outcome.succeeded and run.kind == "preview":
-                self._showPreview(outcome.manifest)
+                self._showPreview(run, outcome.manifest)
             elif outcome.succeeded and run.kind == "install":
                 importlib.invalidate_caches()
                 self._appendLog("Dependencies installed.")
@@ -364,9 +364,9 @@ class InBrainSynSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updateGuiState()
 
-    def _showPreview(self, manifestPath) -> None:
+    def _showPreview(self, run, manifestPath) -> None:
         try:
-            images = read_preview_outputs(manifestPath)
+            images = self.logic.previewOutputs(run, manifestPath)
         except ManifestError as exc:
             slicer.util.errorDisplay(str(exc), windowTitle="InBrainSyn preview")
             return
@@ -470,6 +470,11 @@ class InBrainSynSlicerLogic(ScriptedLoadableModuleLogic):
         return self.runner.start_preview(runner_lib.capture_settings(p), sliceIndex)
 
     # -- results
+
+    def previewOutputs(self, run, manifestPath):
+        """A finished preview's pictures; its alignment is kept so the next preview of the same volume
+        skips the registration (``Runner.preview_outputs``)."""
+        return self.runner.preview_outputs(run, manifestPath)
 
     def showResults(self, run, manifestPath):
         """Add one finished run's results to the scene (all or nothing), filed under the input volume and

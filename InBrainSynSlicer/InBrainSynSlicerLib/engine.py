@@ -199,7 +199,7 @@ def synthesize_argv(engine: list[str], request: SynthesisRequest) -> list[str]:
 
 
 def preview_argv(engine: list[str], input_path: str, age: float, cohort: str, targets, slice_index: int,
-                 output_dir: str) -> list[str]:
+                 output_dir: str, alignment: str | None = None) -> list[str]:
     """``inbrainsyn daninet preview INPUT --age A --cohort HC|AD --targets T.. --native-slice K -o DIR --json``.
 
     K is the axial slice of the *input's own grid* under the Red view (the user's "current
@@ -209,10 +209,14 @@ def preview_argv(engine: list[str], input_path: str, age: float, cohort: str, ta
     (the shipped model covers every template slice with at least 20 % brain).
     With ``--json`` the engine reports progress and ends with a result or error event; the
     runner also accepts a clean exit that leaves ``DIR/manifest.json`` (``expected_manifest``).
+    ``alignment``: the manifest of an earlier run of the same volume whose affine the engine reuses
+    instead of aligning again (``--alignment``; the engine refuses one of a scan on another grid).
     """
-    return [*engine, "daninet", "preview", input_path, "--age", _age_text(age), "--cohort", cohort,
-            "--targets", *[_age_text(t) for t in targets], "--native-slice", str(int(slice_index)), "-o", output_dir,
-            "--json"]
+    argv = [*engine, "daninet", "preview", input_path, "--age", _age_text(age), "--cohort", cohort,
+            "--targets", *[_age_text(t) for t in targets], "--native-slice", str(int(slice_index)), "-o", output_dir]
+    if alignment:
+        argv += ["--alignment", str(alignment)]
+    return argv + ["--json"]
 
 
 def parse_event_line(line: str) -> dict | None:

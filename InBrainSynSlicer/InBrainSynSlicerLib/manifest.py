@@ -213,3 +213,15 @@ def read_preview_outputs(manifest_path) -> dict:
     if strip is None and not slices:
         raise ManifestError(f"{path}: the preview wrote no image")
     return {"strip": strip, "slices": slices}
+
+
+def has_alignment(manifest_path) -> bool:
+    """Whether an engine manifest records the affine alignment of its input (``diagnostics.affine_matrix``
+    and ``affine_offset``, written by ``synthesize`` and ``daninet preview``), which a later preview of
+    the same volume can reuse (``--alignment``)."""
+    try:
+        data = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+        diagnostics = data["diagnostics"]
+        return diagnostics.get("affine_matrix") is not None and diagnostics.get("affine_offset") is not None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False

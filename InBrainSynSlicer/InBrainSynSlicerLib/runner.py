@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import engine
 from . import input_volume
+from . import manifest as manifest_lib
 from . import scene as scene_lib
 
 
@@ -88,6 +89,18 @@ def capture_settings(p) -> RunSettings:
     )
 
 
+def input_stamp(node) -> tuple:
+    """What the exported input is made of: the node's ID, its voxels' modification time and its
+    IJK-to-RAS matrix. An alignment stays valid for a volume while its stamp is unchanged."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    image = node.GetImageData()
+    return (node.GetID(), image.GetMTime() if image is not None else -1,
+            tuple(round(matrix.GetElement(i, j), 9) for i in range(4) for j in range(4)))
+
+
 @dataclass
 class Run:
     """A started run: its kind ("synthesize", "preview" or "install"), settings, folder and process."""
@@ -96,6 +109,7 @@ class Run:
     process: object  # engine.EngineProcess or dependencies.CommandChain
     settings: RunSettings | None = None
     folder: Path | None = None
+    input_stamp: tuple | None = None  # the input as exported for this run (input_stamp)
 
 
 class Runner:
@@ -109,6 +123,9 @@ class Runner:
         self.temporary_dir = str(temporary_dir)
         self.scene = scene
         self.active: Run | None = None
+        # node ID -> (manifest of a finished run that recorded its affine, the input's stamp then):
+        # later previews of an unchanged volume reuse that alignment instead of registering again
+        self._alignments: dict = {}
 
     # -- the guard
     def busy(self) -> bool:
@@ -157,9 +174,10 @@ class Runner:
             raise ValueError("\n".join(problems))
         command = self.engine_command()
         folder = self._run_folder(settings, "synthesis")
+        stamp = input_stamp(settings.input_node)
         request = self.request_for(settings, self._export(settings, folder), folder / "output")
         process = engine.EngineProcess(engine.synthesize_argv(command, request)).start()
-        self.active = Run("synthesize", process, settings, folder)
+        self.active = Run("synthesize", process, settings, folder, stamp)
         return self.active
 
     def start_preview(self, settings: RunSettings, slice_index: int) -> Run:
@@ -170,12 +188,34 @@ class Runner:
             raise ValueError("\n".join(problems))
         command = self.engine_command()
         folder = self._run_folder(settings, "preview")
+        stamp = input_stamp(settings.input_node)
         input_path = self._export(settings, folder)
         argv = engine.preview_argv(command, str(input_path), settings.age, settings.cohort, settings.targets(),
-                                   slice_index, str(folder / "output"))
+                                   slice_index, str(folder / "output"), alignment=self.alignment_for(stamp))
         process = engine.EngineProcess(argv, expected_manifest=str(folder / "output" / "manifest.json")).start()
-        self.active = Run("preview", process, settings, folder)
+        self.active = Run("preview", process, settings, folder, stamp)
         return self.active
+
+    # -- alignments kept between runs
+    def alignment_for(self, stamp: tuple) -> str | None:
+        """The manifest of an earlier run of this very input (same stamp) that recorded its affine, or None."""
+        kept = self._alignments.get(stamp[0])
+        if kept is None or kept[1] != stamp or not Path(kept[0]).is_file():
+            return None
+        return kept[0]
+
+    def remember_alignment(self, run: Run, manifest_path) -> None:
+        """Keep a finished run's alignment for the next previews of the same, unchanged input."""
+        if run.settings is not None and path_text(run.settings.template_bank):
+            return  # an affine to another bank's template is not the preview model's grid
+        if run.input_stamp is not None and manifest_lib.has_alignment(manifest_path):
+            self._alignments[run.input_stamp[0]] = (str(Path(manifest_path).resolve()), run.input_stamp)
+
+    def preview_outputs(self, run: Run, manifest_path) -> dict:
+        """A finished preview's pictures (``manifest.read_preview_outputs``); its alignment is kept."""
+        images = manifest_lib.read_preview_outputs(manifest_path)
+        self.remember_alignment(run, manifest_path)
+        return images
 
     def start_job(self, job, kind: str = "install") -> Run:
         """Start a background job that is not the engine (the dependency installation, a
@@ -186,7 +226,9 @@ class Runner:
 
     # -- results
     def load_results(self, run: Run, manifest_path):
-        """Add a finished synthesis to the scene under the run's own input node and replace-option."""
+        """Add a finished synthesis to the scene under the run's own input node and replace-option
+        (its alignment is kept for later previews of the same input)."""
+        self.remember_alignment(run, manifest_path)
         return scene_lib.load_results_into_scene(
             self.scene, manifest_path, input_node=run.settings.input_node, replace=bool(run.settings.replace_results))
 

@@ -121,6 +121,9 @@ def write_engine_output(outdir, age=70.0, cohort="HC", targets=(75.0, 80.0), tra
         "parameters": {"method": "pole"}, "timings_s": {}, "versions": {},
         "outputs": outputs,
         "labels": {},
+        # as the real engine: the affine A (template mm -> input mm), A(p) = M p + t
+        "diagnostics": {"affine_matrix": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+                        "affine_offset": [0.0, 0.0, 0.0]},
     }
     path = outdir / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2))

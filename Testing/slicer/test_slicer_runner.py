@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import textwrap
+from pathlib import Path
 import time
 from types import SimpleNamespace
 
@@ -104,6 +105,38 @@ def test_a_second_run_is_refused_while_one_is_going(headless, make_runner):
     with pytest.raises(ValueError):
         runner.start_synthesis(runner_lib.capture_settings(parameters(None)))
     assert not runner.busy()
+
+
+def test_later_previews_reuse_the_alignment_of_an_earlier_run_of_the_same_volume(headless, make_runner):
+    """The first preview of a volume aligns it; the engine's manifest records the affine, and the next
+    previews of the same, unchanged volume pass that manifest (--alignment) so the engine skips the
+    registration. Changed voxels, another volume or another template bank start afresh."""
+    runner = make_runner()
+    volume, other = big_volume(headless.scene, "T1"), big_volume(headless.scene, "other")
+
+    def preview(node, **changes):
+        run = runner.start_preview(runner_lib.capture_settings(parameters(node, **changes)), 5)
+        outcome = wait(run)
+        assert outcome.succeeded
+        runner.remember_alignment(run, outcome.manifest)  # what preview_outputs does after reading the pictures
+        runner.release(run)
+        argv = run.process.argv
+        return (argv[argv.index("--alignment") + 1] if "--alignment" in argv else None), outcome.manifest
+
+    used, first_manifest = preview(volume)
+    assert used is None
+    used, _ = preview(volume)
+    assert used == str(Path(first_manifest).resolve())
+    assert preview(other)[0] is None
+    volume.GetImageData().Modified()  # the voxels changed (e.g. an edit): the alignment is not trusted
+    assert preview(volume)[0] is None
+    # a synthesis with the default bank is reused; one with another template bank is not
+    for name, bank in (("default", ""), ("custom", str(runner.temporary_dir))):
+        node = big_volume(headless.scene, name)
+        run = runner.start_synthesis(runner_lib.capture_settings(parameters(node, templateBank=bank)))
+        runner.remember_alignment(run, wait(run).manifest)
+        runner.release(run)
+        assert (preview(node)[0] is not None) == (name == "default")
 
 
 def test_pace_reaches_the_engine_only_when_it_is_not_the_median(tmp_path):
