@@ -194,31 +194,31 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
         preview.check_native_slice(args.native_slice, native, args.input)
     alignment = "none (input on the template grid)"
     diagnostics = None
+    # the default bank's mask, read from its file alone (importing and validating the bank costs a
+    # fresh process ~0.5 s): the template grid of a reused alignment and the brain the change is kept near
+    template_mask = preview.template_brain_mask()
+    on_bank_grid = tuple(reversed(template_mask.GetSize())) == grid
     if args.in_template_space or tuple(reversed(native.GetSize())) == grid:
         image, reference, transform = native, native, sitk.Transform(3, sitk.sitkIdentity)
     else:
         from inbrainsyn.daninet import alignment as align
 
-        def load_bank():  # imported only when needed: importing and validating the bank costs ~0.5 s
-            from inbrainsyn.templates import load_bank as load
-
-            return load(None)
-
         if args.alignment:
             reporter.progress("align", 0.1, f"reusing the alignment in {args.alignment}")
             transform = align.read_alignment(args.alignment, native)
             alignment = f"reused from {Path(args.alignment).absolute()}"
-            # only the template grid is needed: the model's own record of it when it has one (no
-            # bank to import and validate: ~0.5 s of a fresh process), else the bank's mask
-            reference = preview.template_grid(model)
+            # only the template grid is needed: the bank's, or the one weights on another grid record
+            reference = None if on_bank_grid else preview.template_grid(model)
             if reference is None:
-                reference = load_bank().mask
+                reference = template_mask
         else:
-            bank = load_bank()
+            from inbrainsyn.templates import load_bank
+
+            bank = load_bank(None)
             lo, hi = bank.age_range(args.cohort)
             reference = bank.template(args.cohort, min(max(args.age, lo), hi))
             reporter.progress("align", 0.1, "coarse affine alignment to the template")
-            transform = align.coarse_alignment(native, reference, bank.mask)
+            transform = align.coarse_alignment(native, reference, template_mask)  # the bank's mask, read above
             alignment = "coarse affine (8/4 mm)"
         image = align.to_template_grid(native, reference, transform)
         diagnostics = align.alignment_record(transform, native)  # lets the next preview of this scan reuse it
@@ -234,11 +234,8 @@ def _preview(args: argparse.Namespace, reporter) -> "Path":
     from inbrainsyn import fields
     from inbrainsyn.daninet import geometry
 
-    brain_mask = None
-    if preview.is_flow(model):  # changes kept near the template brain when the model is on the bank's grid
-        mask = preview.template_brain_mask()
-        if tuple(reversed(mask.GetSize())) == grid:
-            brain_mask = mask
+    # the slice-ageing model's change is kept near the template brain when the model is on the bank's grid
+    brain_mask = template_mask if preview.is_flow(model) and on_bank_grid else None
     result = preview.preview_slices(image, slice_index, args.age, args.cohort, args.targets, model=model,
                                     device=fields.resolve_device(args.device),
                                     finetune_steps=args.finetune_steps, assembly=args.assembly, brain_mask=brain_mask)

@@ -103,8 +103,8 @@ def evaluate_subject(model, scans, bank, stride: int = 3, inbrainsyn_cache=None,
     dx = cond.diagnosis_class(cohort)
     lo, hi = model.cfg.slice_band
     ks = list(range(lo, hi + 1, stride))
-    brain = sitk.GetArrayViewFromImage(bank.mask)
-    weights = {k: geometry.brain_weight(brain[k], (spacing[1], spacing[0])) for k in ks}  # as the CLI preview
+    brain = bank.mask
+    weights = {k: geometry.brain_weight_on_slice(brain, k) for k in ks}  # as the CLI preview
     rates = {}
     for k in ks:
         frame = geometry.to_frame(vol0[k][None], model.cfg.frame_size)

@@ -124,3 +124,10 @@ def brain_weight(mask_slice: np.ndarray, spacing_mm: tuple[float, float], margin
         return np.zeros(inside.shape, dtype=np.float32)
     distance = ndimage.distance_transform_edt(~inside, sampling=tuple(float(v) for v in spacing_mm))
     return np.clip((margin_mm + ramp_mm - distance) / ramp_mm, 0.0, 1.0).astype(np.float32)
+
+
+def brain_weight_on_slice(mask: sitk.Image, slice_index: int) -> np.ndarray:
+    """:func:`brain_weight` of axial slice ``slice_index`` of a mask image on the template grid, with
+    the slice's own pixel size (rows are ITK's y, columns its x): (Y, X) weight in [0, 1]."""
+    sx, sy = mask.GetSpacing()[:2]
+    return brain_weight(sitk.GetArrayViewFromImage(mask)[slice_index], (sy, sx))

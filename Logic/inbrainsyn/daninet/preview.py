@@ -308,11 +308,10 @@ def preview_slices(volume_in_template_space: np.ndarray | sitk.Image, slice_inde
         if brain_mask is not None:
             if not isinstance(brain_mask, sitk.Image):  # its spacing sets the margin in mm
                 raise InputError("the brain mask must be a SimpleITK image on the template grid")
-            mask = sitk.GetArrayViewFromImage(brain_mask)
-            if mask.shape != vol.shape:
-                raise InputError(f"brain mask shape {mask.shape} is not the volume's {vol.shape}")
-            sx, sy = brain_mask.GetSpacing()[:2]
-            weight = geometry.brain_weight(mask[k], (sy, sx))
+            shape = tuple(reversed(brain_mask.GetSize()))
+            if shape != vol.shape:
+                raise InputError(f"brain mask shape {shape} is not the volume's {vol.shape}")
+            weight = geometry.brain_weight_on_slice(brain_mask, k)
         preds = flow_predictions(on_device(model, device), frame, x, age, dx, k, targets, weight)
         t_end = time.perf_counter()
         return {
