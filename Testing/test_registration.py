@@ -45,7 +45,7 @@ def blob_phantom(shape=(40, 44, 48), seed=0) -> torch.Tensor:
 # The blob phantom has large featureless regions where the motion can only be extrapolated by the
 # regulariser, so these tests use a smoother prior (0.5) than the anatomy-tuned default (0.35).
 SMALL = SVFRegistrationConfig(levels=(2, 1), iterations=(60, 30), control_factors=(1, 1), crop_margin_mm=6.0,
-                              diffusion_sigma=0.5, num_threads=1)
+                              diffusion_sigma=0.5, num_threads=1, min_control_spacing_mm=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +78,55 @@ def test_grid_sampler_gradient_and_jacobian_equal_fields():
     assert torch.equal(image_gradient(image), fields.spatial_gradient(image[None])[0])
     d = fields.exp(v)
     assert torch.allclose(jacobian_determinant(d), fields.jacobian_determinant(d), atol=1e-6)
+
+
+def test_nested_upsample_equals_the_linear_matrices_and_refuses_grids_that_do_not_nest():
+    v = smooth_random_field((9, 11, 13), 2.0, seed=5)
+    fine_shape = (17, 21, 25)
+    mats = [pyramid.linear_matrix(torch.arange(n) / 2.0, nc) for n, nc in zip(fine_shape, v.shape[1:])]
+    assert torch.allclose(pyramid.nested_upsample(v, fine_shape), pyramid.apply_separable(v, mats), atol=1e-5)
+    with pytest.raises(ValueError, match="not nested"):
+        pyramid.nested_upsample(v, (18, 21, 25))
+
+
+def test_cached_fixed_statistics_give_the_same_lncc_and_are_not_modified():
+    fixed = blob_phantom()
+    warped = torch.roll(fixed, 2, dims=1) * 0.8 + 0.1
+    stats = similarity.local_statistics(fixed, 5)
+    saved = [t.clone() for t in (stats.mean, stats.centred, stats.variance)]
+    cc, derivative = similarity.lncc_with_derivative(fixed, warped, 5)
+    cc_cached, derivative_cached = similarity.lncc_with_derivative(fixed, warped, 5, stats)
+    value_cached = similarity.lncc_value_map(fixed, warped, 5, stats)
+    assert torch.allclose(cc_cached, cc, atol=1e-6) and torch.allclose(value_cached, cc, atol=1e-6)
+    assert torch.allclose(derivative_cached, derivative, atol=1e-6 * float(derivative.abs().max()))
+    assert all(torch.equal(a, b) for a, b in zip(saved, (stats.mean, stats.centred, stats.variance)))
+    with pytest.raises(ValueError, match="another window"):
+        similarity.lncc_with_derivative(fixed, warped, 7, stats)
+
+
+@pytest.mark.parametrize("factor, control, margin_mm", [(1, 2, 12.0), (2, 1, 24.0)])
+def test_a_level_cropped_to_its_weighted_voxels_gives_the_whole_box_similarity_and_update(factor, control, margin_mm):
+    """The inner box (weighted voxels + one LNCC window) must not change the optimisation."""
+    from inbrainsyn.registration.svf import _Level
+
+    fixed = torch.zeros((56, 60, 64))
+    fixed[8:48, 10:50, 12:52] = blob_phantom((40, 40, 40), seed=2)
+    moving = torch.roll(fixed, 2, dims=2)
+    mask = torch.zeros_like(fixed)
+    mask[14:40, 16:44, 18:46] = 1  # a brain mask well inside the box: the crop has work to skip
+    config = SVFRegistrationConfig(num_threads=1)
+    box = registration_box(mask, (1.0, 1.0, 1.0), margin_mm, 8)
+    whole = _Level(fixed, moving, mask, box, factor, control, (1.0, 1.0, 1.0), config, "cpu", crop_to_weight=False)
+    cropped = _Level(fixed, moving, mask, box, factor, control, (1.0, 1.0, 1.0), config, "cpu")
+    assert np.prod(cropped.inner_shape) < 0.8 * np.prod(whole.shape)
+    velocity = 0.5 * smooth_random_field(whole.control_shape, 2.0, seed=3)
+    value_whole, force_whole = whole.evaluate(velocity, "lncc", config.window)
+    value_cropped, force_cropped = cropped.evaluate(velocity, "lncc", config.window)
+    assert value_cropped == pytest.approx(value_whole, rel=1e-5)
+    update_whole, update_cropped = whole.update(force_whole, 0.5), cropped.update(force_cropped, 0.5)
+    assert float(update_whole.abs().max()) > 0.1
+    assert torch.allclose(update_cropped, update_whole, atol=1e-5)
+    assert cropped.score(None, "lncc", 5) == pytest.approx(whole.score(None, "lncc", 5), rel=1e-5)
 
 
 def test_lncc_is_one_for_affine_intensity_change_and_lower_for_misalignment():
@@ -410,3 +459,31 @@ def test_smoothing_floor_in_mm_acts_only_on_grids_finer_than_it():
     assert roughness(floored.velocity) < roughness(plain.velocity)
     with pytest.raises(ValueError, match="diffusion_min_mm"):
         SVFRegistrationConfig(diffusion_min_mm=-1.0).validate()
+
+
+def test_control_grid_spacing_is_kept_in_mm_across_image_resolutions():
+    """1.5 mm (the bank's grid) and 2 mm keep their 3 / 4 mm control grids; 1 mm gets 3 mm, not 2."""
+    from inbrainsyn.registration.svf import control_factors_for
+
+    config = SVFRegistrationConfig()
+    assert control_factors_for(config, (1.5, 1.5, 1.5)) == (1, 2, 2)
+    assert control_factors_for(config, (2.0, 2.0, 2.0)) == (1, 2, 2)
+    assert control_factors_for(config, (1.0, 1.0, 1.0)) == (1, 2, 3)
+    assert control_factors_for(config, (1.0, 1.0, 0.8)) == (1, 2, 4)  # the finest axis decides
+    assert control_factors_for(SVFRegistrationConfig(min_control_spacing_mm=0.0), (1.0, 1.0, 1.0)) == (1, 2, 2)
+    with pytest.raises(ValueError, match="min_control_spacing_mm"):
+        SVFRegistrationConfig(min_control_spacing_mm=-1.0).validate()
+    # a 3x control grid (not a power of two) nests in the box and registers a known warp at 1 mm
+    fixed = blob_phantom((48, 48, 48), seed=6)
+    v_true = known_svf(fixed.shape, 3.0, seed=6)
+    moving = fields.warp(fixed, fields.exp(-v_true))
+    result = register_svf(fixed, moving, (1.0, 1.0, 1.0), config=SVFRegistrationConfig(
+        levels=(2, 1), iterations=(60, 30), control_factors=(1, 1), crop_margin_mm=6.0, diffusion_sigma=0.5, num_threads=1))
+    assert [c["control"] for c in result.convergence] == [2, 3]
+    assert (result.box["size_zyx"][0] - 1) % 12 == 0  # lcm(2 x 2, 1 x 3)
+    inside = fixed > 0.3
+    truth = fields.exp(v_true)
+    error = (result.displacement - truth).norm(dim=0)[inside]
+    before = truth.norm(dim=0)[inside]
+    assert float(before.mean()) > 1.0 and result.folding_fraction == 0.0
+    assert float(error.mean()) < 0.4 * float(before.mean())  # as the phantom test above with SMALL

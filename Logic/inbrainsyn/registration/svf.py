@@ -50,6 +50,7 @@ from inbrainsyn import fields
 from inbrainsyn.registration import pyramid
 from inbrainsyn.registration.similarity import (
     SIMILARITIES,
+    local_statistics,
     lncc_value_map,
     lncc_with_derivative,
     lncc_with_derivatives,
@@ -78,6 +79,11 @@ class SVFRegistrationConfig:
     # 60 gave a higher final similarity (0.571 vs 0.562) with no folding, in less time
     iterations: tuple[int, ...] = (60, 200, 20)
     control_factors: tuple[int, ...] = (1, 2, 2)  # control grid = level grid shrunk by this
+    # ... raised so that the control spacing is at least this (mm, finest axis; 0: off): the
+    # field's freedom then follows the anatomy, not the scanner.  1.5 mm (the bank's grid) and 2 mm
+    # images keep their 3 / 4 mm control grids; 1 mm images get 3 mm instead of 2 mm
+    # (docs/registration.md: the 1 mm battery)
+    min_control_spacing_mm: float = 3.0
     step: float = 0.5  # largest update per iteration, control voxels
     final_step_fraction: float = 0.3  # the step is halved on each plateau down to step * this
     fluid_sigma: float = 1.0  # Gaussian smoothing of each update, control voxels
@@ -109,6 +115,8 @@ class SVFRegistrationConfig:
             raise ValueError(f"window must be an odd number of voxels, got {self.window}")
         if self.bch_order not in (1, 2):
             raise ValueError("bch_order must be 1 or 2")
+        if self.min_control_spacing_mm < 0:
+            raise ValueError("min_control_spacing_mm must be >= 0 (0: off)")
         if self.diffusion_min_mm < 0 or self.fluid_min_mm < 0:
             raise ValueError("diffusion_min_mm and fluid_min_mm must be >= 0 (0: no floor)")
         if int(self.fold_retries) < 0 or self.fold_smoothing_factor <= 1.0:
@@ -198,6 +206,17 @@ def _anisotropic_sigmas(sigma: float, spacing_zyx) -> list[float]:
     return [sigma * finest / s for s in spacing_zyx]
 
 
+def control_factors_for(config: SVFRegistrationConfig, spacing_zyx) -> tuple[int, ...]:
+    """``config.control_factors``, each raised to the smallest integer for which the control spacing
+    (level spacing x factor, finest axis) reaches ``config.min_control_spacing_mm``."""
+    finest = min(float(s) for s in spacing_zyx)
+    factors = []
+    for level, control in zip(config.levels, config.control_factors):
+        needed = int(math.ceil(config.min_control_spacing_mm / (finest * level) - 1e-6)) if config.min_control_spacing_mm > 0 else 1
+        factors.append(max(int(control), needed))
+    return tuple(factors)
+
+
 def _floored_sigma(sigma: float, min_mm: float, spacing_zyx) -> float:
     """``sigma`` control voxels, raised to ``min_mm`` when it is shorter than that along the finest axis.
 
@@ -218,15 +237,19 @@ class GridSampler:
     :mod:`fields`.
     """
 
-    def __init__(self, shape, device):
-        nz, ny, nx = shape
+    def __init__(self, shape, device, offset_zyx=(0, 0, 0), source_shape=None):
+        """Points: the voxels of ``shape`` shifted by ``offset_zyx``, in a source grid ``source_shape`` (default ``shape``)."""
+        nz, ny, nx = shape if source_shape is None else source_shape
         self.scale = torch.tensor(
             [2.0 / max(nx - 1, 1), 2.0 / max(ny - 1, 1), 2.0 / max(nz - 1, 1)], device=device
         ).view(1, 1, 1, 3)
-        self.identity = (fields.voxel_coordinates(shape, device).permute(1, 2, 3, 0) * self.scale - 1.0).unsqueeze(0)
+        points = fields.voxel_coordinates(shape, device)
+        if any(offset_zyx):
+            points += torch.tensor([float(o) for o in reversed(list(offset_zyx))], device=device).view(3, 1, 1, 1)
+        self.identity = (points.permute(1, 2, 3, 0) * self.scale - 1.0).unsqueeze(0)
 
     def sample(self, values: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-        """``values`` ``(C, Z, Y, X)`` or ``(Z, Y, X)`` at ``x + displacement(x)`` (trilinear)."""
+        """``values`` ``(C, Z, Y, X)`` (on the source grid) or ``(Z, Y, X)`` at ``x + displacement(x)`` (trilinear)."""
         squeeze = values.dim() == 3
         vals = values.unsqueeze(0) if squeeze else values
         grid = torch.addcmul(self.identity, displacement.permute(1, 2, 3, 0).unsqueeze(0), self.scale)
@@ -275,7 +298,7 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
 class _Level:
     """Matrices and images of one pyramid level (see the module docstring)."""
 
-    def __init__(self, fixed, moving, mask, box, factor, control, spacing_zyx, config, device):
+    def __init__(self, fixed, moving, mask, box, factor, control, spacing_zyx, config, device, crop_to_weight: bool = True):
         start, size = box
         self.factor, self.control = factor, control
         self.shape = tuple((n - 1) // factor + 1 for n in size)
@@ -292,32 +315,71 @@ class _Level:
                 for st, n, full in zip(start, self.shape, fixed.shape)
             ]
             images = pyramid.apply_separable(stacked, to_level)
-        self.fixed, self.moving = images[0], images[1]
         if mask is not None:  # LNCC windows touching the mask count
-            self.weight = (pyramid.box_mean(images[2:3], config.window)[0] > 0.01).to(images.dtype)
+            weight = (pyramid.box_mean(images[2:3], config.window)[0] > 0.01).to(images.dtype)
         else:
-            self.weight = None
+            weight = None
+        # The similarity and its force are computed only on the "inner" box: the weighted voxels
+        # plus a margin of one LNCC window, inside which every window and central difference of a
+        # weighted voxel lies, so the force is exactly the whole box's (zero outside the weight;
+        # ``Testing/test_registration.py`` checks it).  The moving image stays whole: warped
+        # points may come from anywhere in the box.  At 1 mm this skips ~30 % of the voxels.
+        # (Not in symmetric mode, where the fixed image and the weight are warped too.)
+        if weight is not None and not config.symmetric and crop_to_weight:
+            margin = config.window
+            self.inner = [(max(lo - margin, 0), min(hi + margin, n - 1) + 1)
+                          for (lo, hi), n in zip(_bounding_box(weight), self.shape)]
+        else:
+            self.inner = [(0, n) for n in self.shape]
+        crop = tuple(slice(lo, hi) for lo, hi in self.inner)
+        self.inner_shape = tuple(hi - lo for lo, hi in self.inner)
+        self.fixed = images[0][crop].contiguous()
+        self.moving = images[1]  # the whole level box
+        self.moving_inner = self.moving[crop]
+        self.weight = None if weight is None else weight[crop].contiguous()
+        # the fixed image's local LNCC statistics do not change during the level: computed once
+        self.fixed_stats = local_statistics(self.fixed, config.window) if config.similarity == "lncc" else None
         control_spacing = [s * factor * control for s in spacing_zyx]
         fluid = _anisotropic_sigmas(_floored_sigma(config.fluid_sigma, config.fluid_min_mm, control_spacing), control_spacing)
         diffusion = _anisotropic_sigmas(_floored_sigma(config.diffusion_sigma, config.diffusion_min_mm, control_spacing),
                                         control_spacing)
-        self.up = [pyramid.linear_matrix(torch.arange(n) / control, nc) for n, nc in zip(self.shape, self.control_shape)]
+        self.up = [pyramid.linear_matrix(torch.arange(lo, hi) / control, nc) for (lo, hi), nc in zip(self.inner, self.control_shape)]
+        # nested grids (the registration box is a multiple of every level's control spacing):
+        # upsample the control cells covering the inner box with 8-tap interpolation, then crop
+        self.nested = control > 1 and all(nc >= 2 and n - 1 == control * (nc - 1) for n, nc in zip(self.shape, self.control_shape))
+        self.control_cover = []
+        for (lo, hi), nc in zip(self.inner, self.control_shape):
+            c_lo = min(lo // control, nc - 2)
+            c_hi = max(min(-(-(hi - 1) // control), nc - 1), c_lo + 1)
+            self.control_cover.append((c_lo, c_hi + 1, lo - c_lo * control))
+        # force on the inner box -> control grid; the force is zero at the inner box's border
+        # (or the border is the box's own), so the clamped (replicated) columns add nothing new
         self.down = [
-            pyramid.gaussian_matrix(torch.arange(nc), nc, sf) @ pyramid.gaussian_matrix(control * torch.arange(nc), n, 0.5 * control if control > 1 else 0.0)
-            for n, nc, sf in zip(self.shape, self.control_shape, fluid)
+            pyramid.gaussian_matrix(torch.arange(nc), nc, sf)
+            @ pyramid.gaussian_matrix(control * torch.arange(nc) - lo, hi - lo, 0.5 * control if control > 1 else 0.0)
+            for (lo, hi), nc, sf in zip(self.inner, self.control_shape, fluid)
         ]
         self.smooth = [pyramid.gaussian_matrix(torch.arange(nc), nc, sd) for nc, sd in zip(self.control_shape, diffusion)]
         self.up = [m.to(device) for m in self.up]
         self.down = [m.to(device) for m in self.down]
         self.smooth = [m.to(device) for m in self.smooth]
-        self.image_sampler = GridSampler(self.shape, device)
+        self.image_sampler = GridSampler(self.inner_shape, device, offset_zyx=[lo for lo, _ in self.inner], source_shape=self.shape)
         self.control_sampler = GridSampler(self.control_shape, device)
 
+    def _stats(self, window: int):
+        return self.fixed_stats if self.fixed_stats is not None and self.fixed_stats.window == window else None
+
     def displacement(self, velocity: torch.Tensor) -> torch.Tensor:
-        """``exp(v)`` on the control grid, upsampled to the level grid (level voxel units)."""
+        """``exp(v)`` on the control grid, upsampled to the inner box of the level grid (level voxel units)."""
         d = self.control_sampler.exp(velocity)
         if self.control == 1:
-            return d
+            return d[(slice(None), *(slice(lo, hi) for lo, hi in self.inner))]
+        if self.nested:
+            cover = d[(slice(None), *(slice(c_lo, c_hi) for c_lo, c_hi, _ in self.control_cover))]
+            shape = tuple((c_hi - c_lo - 1) * self.control + 1 for c_lo, c_hi, _ in self.control_cover)
+            fine = pyramid.nested_upsample(cover, shape)
+            fine = fine[(slice(None), *(slice(off, off + n) for (_, _, off), n in zip(self.control_cover, self.inner_shape)))]
+            return fine.mul(self.control)
         return pyramid.apply_separable(d, self.up) * self.control
 
     def evaluate(self, velocity: torch.Tensor | None, similarity: str, window: int):
@@ -325,9 +387,9 @@ class _Level:
 
         ``velocity=None`` scores the unregistered pair (identity transform).
         """
-        warped = self.moving if velocity is None else self.image_sampler.sample(self.moving, self.displacement(velocity))
+        warped = self.moving_inner if velocity is None else self.image_sampler.sample(self.moving, self.displacement(velocity))
         if similarity == "lncc":
-            value_map, derivative = lncc_with_derivative(self.fixed, warped, window)
+            value_map, derivative = lncc_with_derivative(self.fixed, warped, window, self._stats(window))
             value = weighted_mean(value_map, self.weight)
         else:
             value_map, derivative = mse_with_derivative(self.fixed, warped)
@@ -365,9 +427,9 @@ class _Level:
 
     def score(self, velocity: torch.Tensor | None, similarity: str, window: int) -> float:
         """Similarity only (no force): for the reported initial and final values."""
-        warped = self.moving if velocity is None else self.image_sampler.sample(self.moving, self.displacement(velocity))
+        warped = self.moving_inner if velocity is None else self.image_sampler.sample(self.moving, self.displacement(velocity))
         if similarity == "lncc":
-            return float(weighted_mean(lncc_value_map(self.fixed, warped, window), self.weight))
+            return float(weighted_mean(lncc_value_map(self.fixed, warped, window, self._stats(window)), self.weight))
         return -float(weighted_mean((self.fixed - warped) ** 2, self.weight))
 
     def update(self, force: torch.Tensor, step: float) -> torch.Tensor:
@@ -480,10 +542,11 @@ def _register(fixed, moving, spacing, mask, config, device, seed, progress, star
         region = mask_d if mask_d is not None else ((fixed_n > 0.05) | (moving_n > 0.05)).float()
         if not bool(region.any()):
             region = torch.ones_like(fixed_n)
-        multiple = max(f * c for f, c in zip(config.levels, config.control_factors))
+        controls = control_factors_for(config, spacing_zyx)
+        multiple = math.lcm(*(int(f) * c for f, c in zip(config.levels, controls)))  # every grid nests in the box
         box = registration_box(region, spacing_zyx, config.crop_margin_mm, multiple)
 
-        plan = [(f, c, n) for f, c, n in zip(config.levels, config.control_factors, config.iterations)
+        plan = [(f, c, n) for f, c, n in zip(config.levels, controls, config.iterations)
                 if min((size - 1) // (f * c) + 1 for size in box[1]) >= 4
                 and f * max(spacing_zyx) >= config.min_level_spacing_mm - 1e-6]
         if not plan:
