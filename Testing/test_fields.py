@@ -158,3 +158,33 @@ def test_resize_field_keeps_physical_displacement():
     v = torch.ones((3, *shape)) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)
     up = fields.resize_field(v, (17, 21, 25))
     assert torch.allclose(up[:, 5, 5, 5], torch.tensor([2.0, 4.0, 6.0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("grid_shape", [(37, 20, 22), (1, 1, 7000)])
+def test_threaded_grid_sample_is_bit_identical_to_one_call(grid_shape, monkeypatch):
+    """Slabs sampled in worker threads must give exactly the points of one grid_sample call."""
+    import concurrent.futures
+
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(fields, "PARALLEL_SAMPLING_POINTS", 1000)  # small grids take the threaded path too
+    pools = []
+    real_pool = concurrent.futures.ThreadPoolExecutor
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", lambda n: pools.append(n) or real_pool(n))
+
+    gen = torch.Generator().manual_seed(3)
+    values = torch.rand((1, 2, 15, 16, 17), generator=gen)
+    grid = torch.rand((1, *grid_shape, 3), generator=gen) * 2.4 - 1.2  # some points outside: border rule
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for mode in ("bilinear", "nearest"):
+            expected = F.grid_sample(values, grid, mode=mode, padding_mode="border", align_corners=True)
+            assert torch.equal(fields.grid_sample_3d(values, grid, mode=mode), expected)
+        assert pools == [3, 3] and torch.get_num_threads() == 3
+        # a gradient is needed: one plain call, still differentiable
+        wanted = values.clone().requires_grad_()
+        fields.grid_sample_3d(wanted, grid).sum().backward()
+        assert wanted.grad is not None and float(wanted.grad.sum()) > 0
+    finally:
+        torch.set_num_threads(previous)

@@ -190,7 +190,7 @@ def run_method(method: str, folder: Path, threads: int, timeout: float, config_j
 # ---------------------------------------------------------------------------------------------
 
 
-def build_groups(families, resolutions, seeds):
+def build_groups(families, resolutions, seeds, anatomy_spacing=None):
     """{group name: [pair builder thunks]} (lazy: pairs are built one at a time)."""
     import registration_pairs as rp
     from inbrainsyn.registration import synthetic
@@ -220,14 +220,14 @@ def build_groups(families, resolutions, seeds):
 
         def anatomy():
             if "a" not in cache:
-                cache["a"] = rp.load_bank_anatomy(load_bank(None))
+                cache["a"] = rp.load_bank_anatomy(load_bank(None), spacing_mm=anatomy_spacing)
             return cache["a"]
 
         thunks = []
         for i, (v, h) in enumerate(ANATOMY_SPECS):
             for skull in (False, True):
                 thunks.append(lambda v=v, h=h, i=i, skull=skull: rp.anatomy_pair(anatomy(), v, h, i, skull))
-        groups["anatomy 1.5 mm"] = thunks
+        groups[f"anatomy {anatomy_spacing or 1.5:g} mm"] = thunks
     return groups
 
 
@@ -239,7 +239,7 @@ def benchmark(args) -> list[dict]:
     from inbrainsyn import fields
 
     rows = []
-    groups = build_groups(args.families, args.resolutions, args.seeds)
+    groups = build_groups(args.families, args.resolutions, args.seeds, args.anatomy_spacing)
     for group, thunks in groups.items():
         if args.max_pairs:
             thunks = thunks[: args.max_pairs]
@@ -394,6 +394,8 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["known", "anatomy"], choices=["known", "anatomy"])
     parser.add_argument("--resolutions", type=float, nargs="+", default=[2.0, 1.0], help="known-deformation grids (mm)")
     parser.add_argument("--seeds", type=int, default=2, help="random fields per (smoothness, maximum)")
+    parser.add_argument("--anatomy-spacing", type=float, default=None,
+                        help="inter-anatomy pairs on this grid (mm; default: the bank's 1.5 mm grid)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--max-pairs", type=int, default=0, help="at most this many pairs per group (0: all)")
     parser.add_argument("--peer-pairs", type=int, default=4, help="peers run on the first K pairs of each group")

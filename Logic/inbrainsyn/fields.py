@@ -140,6 +140,42 @@ def _identity_sampling_grid(shape: tuple[int, int, int], device: torch.device, d
     return (points * _index_scale(shape, device, dtype) - 1.0).unsqueeze(0)
 
 
+# Fewer output points than this are sampled in one call (threads would cost more than they save).
+PARALLEL_SAMPLING_POINTS = 1 << 16
+
+
+def grid_sample_3d(values: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """``F.grid_sample(values, grid, align_corners=True)`` for ``values`` ``(1, C, Z, Y, X)`` and ``grid``
+    ``(1, Zo, Yo, Xo, 3)``, on all of torch's CPU threads.
+
+    PyTorch's 3D CPU kernel parallelises over the batch only, so one volume runs on one core.  Here
+    the output points are cut into slabs (along the first output axis with enough planes), one per
+    thread, each sampled by ``grid_sample`` in a worker thread (torch releases the GIL); every point
+    is computed exactly as in one call, so the result is bit-identical (tested).  Used when there are
+    at least :data:`PARALLEL_SAMPLING_POINTS` points on a CPU, with more than one thread, and
+    nothing needs a gradient; otherwise one plain call.
+    """
+    threads = torch.get_num_threads()
+    points = grid.shape[1] * grid.shape[2] * grid.shape[3]
+    needs_grad = torch.is_grad_enabled() and (values.requires_grad or grid.requires_grad)
+    axis = next((a for a in (1, 2, 3) if grid.shape[a] >= threads), None)
+    if (threads < 2 or points < PARALLEL_SAMPLING_POINTS or grid.device.type != "cpu" or needs_grad
+            or values.shape[0] != 1 or axis is None):
+        return F.grid_sample(values, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = np.linspace(0, grid.shape[axis], threads + 1).astype(int)
+
+    def run(part):
+        with torch.no_grad():  # grad mode is per thread; the kernel itself runs single-threaded for one volume
+            return F.grid_sample(values, grid.narrow(axis, part[0], part[1] - part[0]), mode=mode,
+                                 padding_mode=padding_mode, align_corners=True)
+
+    with ThreadPoolExecutor(threads) as pool:
+        parts = list(pool.map(run, zip(bounds[:-1], bounds[1:])))
+    return torch.cat(parts, dim=axis + 1)
+
+
 def sample_at(values: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Sample ``values`` at ``x + displacement(x)``: the pull-back warp.
 
@@ -155,13 +191,7 @@ def sample_at(values: torch.Tensor, displacement: torch.Tensor, mode: str = "bil
     grid = _identity_sampling_grid(shape, displacement.device, displacement.dtype) + (
         displacement.permute(1, 2, 3, 0) * scale
     ).unsqueeze(0)
-    out = F.grid_sample(
-        vals.unsqueeze(0).to(displacement.dtype),
-        grid,
-        mode=mode,
-        padding_mode="border",
-        align_corners=True,
-    )[0]
+    out = grid_sample_3d(vals.unsqueeze(0).to(displacement.dtype), grid, mode=mode, padding_mode="border")[0]
     return out[0] if squeeze else out
 
 

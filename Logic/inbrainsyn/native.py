@@ -36,7 +36,7 @@ def _sample_volume(values: torch.Tensor, index_points: torch.Tensor, mode="bilin
     nz, ny, nx = values.shape[1:]
     scale = torch.tensor([2.0 / (nx - 1), 2.0 / (ny - 1), 2.0 / (nz - 1)], dtype=values.dtype, device=values.device)
     grid = (index_points.to(values.dtype) * scale.view(3, 1, 1, 1) - 1.0).permute(1, 2, 3, 0).unsqueeze(0)
-    return F.grid_sample(values.unsqueeze(0), grid, mode=mode, padding_mode=padding, align_corners=True)[0]
+    return fields.grid_sample_3d(values.unsqueeze(0), grid, mode=mode, padding_mode=padding)[0]
 
 # ------------------------------------------------------------------------------------------------
 # Resampling an image on its own grid at continuous voxel indices (torch, any device)
@@ -98,7 +98,7 @@ class GridImage:
         scale = torch.tensor([2.0 / max(nx - 1, 1), 2.0 / max(ny - 1, 1), 2.0 / max(nz - 1, 1)], device=self.device)
         shape = points.shape[1:]
         grid = ((points.reshape(3, -1) + self.pad) * scale.view(3, 1) - 1.0).t().reshape(1, 1, 1, -1, 3)
-        out = F.grid_sample(self.values[None, None], grid, mode=mode, padding_mode="border", align_corners=True)
+        out = fields.grid_sample_3d(self.values[None, None], grid, mode=mode, padding_mode="border")
         return out.reshape(shape)
 
     def _bspline_scipy(self, points: torch.Tensor) -> torch.Tensor:

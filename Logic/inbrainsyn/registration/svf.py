@@ -44,7 +44,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 from inbrainsyn import fields
 from inbrainsyn.registration import pyramid
@@ -253,7 +252,7 @@ class GridSampler:
         squeeze = values.dim() == 3
         vals = values.unsqueeze(0) if squeeze else values
         grid = torch.addcmul(self.identity, displacement.permute(1, 2, 3, 0).unsqueeze(0), self.scale)
-        out = F.grid_sample(vals.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+        out = fields.grid_sample_3d(vals.unsqueeze(0), grid)[0]
         return out[0] if squeeze else out
 
     def exp(self, velocity: torch.Tensor) -> torch.Tensor:
