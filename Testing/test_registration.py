@@ -487,3 +487,19 @@ def test_control_grid_spacing_is_kept_in_mm_across_image_resolutions():
     before = truth.norm(dim=0)[inside]
     assert float(before.mean()) > 1.0 and result.folding_fraction == 0.0
     assert float(error.mean()) < 0.4 * float(before.mean())  # as the phantom test above with SMALL
+
+
+def test_a_mask_too_small_to_survive_the_coarse_levels_does_not_stop_the_registration():
+    """A tiny mask vanishes from the 4x level's weight: that level must run uncropped, not fail."""
+    from inbrainsyn.registration.svf import _Level
+
+    fixed = blob_phantom((40, 40, 40), seed=4)
+    mask = torch.zeros_like(fixed)
+    mask[20, 20, 20] = 1
+    config = SVFRegistrationConfig(num_threads=1)
+    box = registration_box(mask, (1.0, 1.0, 1.0), 12.0, 8)
+    coarse = _Level(fixed, torch.roll(fixed, 1, dims=2), mask, box, 4, 1, (1.0, 1.0, 1.0), config, "cpu")
+    assert float(coarse.weight.sum()) == 0.0 and coarse.inner_shape == coarse.shape
+    result = register_svf(fixed, torch.roll(fixed, 1, dims=2), (1.0, 1.0, 1.0), mask=mask,
+                          config=SVFRegistrationConfig(iterations=(10, 10, 5), num_threads=1))
+    assert result.folding_fraction == 0.0

@@ -322,9 +322,9 @@ class _Level:
         # plus a margin of one LNCC window, inside which every window and central difference of a
         # weighted voxel lies, so the force is exactly the whole box's (zero outside the weight;
         # ``Testing/test_registration.py`` checks it).  The moving image stays whole: warped
-        # points may come from anywhere in the box.  At 1 mm this skips ~30 % of the voxels.
+        # points may come from anywhere in the box.  (15 % fewer voxels for the MNI brain at 1 mm.)
         # (Not in symmetric mode, where the fixed image and the weight are warped too.)
-        if weight is not None and not config.symmetric and crop_to_weight:
+        if weight is not None and not config.symmetric and crop_to_weight and bool(weight.any()):
             margin = config.window
             self.inner = [(max(lo - margin, 0), min(hi + margin, n - 1) + 1)
                           for (lo, hi), n in zip(_bounding_box(weight), self.shape)]
