@@ -144,6 +144,16 @@ def _identity_sampling_grid(shape: tuple[int, int, int], device: torch.device, d
 PARALLEL_SAMPLING_POINTS = 1 << 16
 
 
+def map_slabs(run, length: int, threads: int) -> list:
+    """``[run(start, stop), ...]`` over ``threads`` contiguous slabs of ``range(length)``, each in a
+    worker thread (torch and SciPy kernels release the GIL), results in slab order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = np.linspace(0, length, threads + 1).astype(int)
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(run, bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
 def grid_sample_3d(values: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
     """``F.grid_sample(values, grid, align_corners=True)`` for ``values`` ``(1, C, Z, Y, X)`` and ``grid``
     ``(1, Zo, Yo, Xo, 3)``, on all of torch's CPU threads.
@@ -162,17 +172,13 @@ def grid_sample_3d(values: torch.Tensor, grid: torch.Tensor, mode: str = "biline
     if (threads < 2 or points < PARALLEL_SAMPLING_POINTS or grid.device.type != "cpu" or needs_grad
             or values.shape[0] != 1 or axis is None):
         return F.grid_sample(values, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    from concurrent.futures import ThreadPoolExecutor
 
-    bounds = np.linspace(0, grid.shape[axis], threads + 1).astype(int)
-
-    def run(part):
+    def run(start, stop):
         with torch.no_grad():  # grad mode is per thread; the kernel itself runs single-threaded for one volume
-            return F.grid_sample(values, grid.narrow(axis, part[0], part[1] - part[0]), mode=mode,
+            return F.grid_sample(values, grid.narrow(axis, start, stop - start), mode=mode,
                                  padding_mode=padding_mode, align_corners=True)
 
-    with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(run, zip(bounds[:-1], bounds[1:])))
+    parts = map_slabs(run, grid.shape[axis], threads)
     return torch.cat(parts, dim=axis + 1)
 
 

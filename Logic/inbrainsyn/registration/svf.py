@@ -342,10 +342,12 @@ class _Level:
         fluid = _anisotropic_sigmas(_floored_sigma(config.fluid_sigma, config.fluid_min_mm, control_spacing), control_spacing)
         diffusion = _anisotropic_sigmas(_floored_sigma(config.diffusion_sigma, config.diffusion_min_mm, control_spacing),
                                         control_spacing)
-        self.up = [pyramid.linear_matrix(torch.arange(lo, hi) / control, nc) for (lo, hi), nc in zip(self.inner, self.control_shape)]
-        # nested grids (the registration box is a multiple of every level's control spacing):
-        # upsample the control cells covering the inner box with 8-tap interpolation, then crop
-        self.nested = control > 1 and all(nc >= 2 and n - 1 == control * (nc - 1) for n, nc in zip(self.shape, self.control_shape))
+        # the control grid nests in the level grid (the registration box is a multiple of every
+        # level's control spacing): the control cells covering the inner box are upsampled by
+        # 8-tap interpolation, then cropped (``displacement``)
+        if any(n - 1 != control * (nc - 1) for n, nc in zip(self.shape, self.control_shape)):
+            raise ValueError(f"control grid {self.control_shape} does not nest in the level grid {self.shape} "
+                             f"(control factor {control}): make the box with registration_box")
         self.control_cover = []
         for (lo, hi), nc in zip(self.inner, self.control_shape):
             c_lo = min(lo // control, nc - 2)
@@ -359,7 +361,6 @@ class _Level:
             for (lo, hi), nc, sf in zip(self.inner, self.control_shape, fluid)
         ]
         self.smooth = [pyramid.gaussian_matrix(torch.arange(nc), nc, sd) for nc, sd in zip(self.control_shape, diffusion)]
-        self.up = [m.to(device) for m in self.up]
         self.down = [m.to(device) for m in self.down]
         self.smooth = [m.to(device) for m in self.smooth]
         self.image_sampler = GridSampler(self.inner_shape, device, offset_zyx=[lo for lo, _ in self.inner], source_shape=self.shape)
@@ -373,13 +374,11 @@ class _Level:
         d = self.control_sampler.exp(velocity)
         if self.control == 1:
             return d[(slice(None), *(slice(lo, hi) for lo, hi in self.inner))]
-        if self.nested:
-            cover = d[(slice(None), *(slice(c_lo, c_hi) for c_lo, c_hi, _ in self.control_cover))]
-            shape = tuple((c_hi - c_lo - 1) * self.control + 1 for c_lo, c_hi, _ in self.control_cover)
-            fine = pyramid.nested_upsample(cover, shape)
-            fine = fine[(slice(None), *(slice(off, off + n) for (_, _, off), n in zip(self.control_cover, self.inner_shape)))]
-            return fine.mul(self.control)
-        return pyramid.apply_separable(d, self.up) * self.control
+        cover = d[(slice(None), *(slice(c_lo, c_hi) for c_lo, c_hi, _ in self.control_cover))]
+        shape = tuple((c_hi - c_lo - 1) * self.control + 1 for c_lo, c_hi, _ in self.control_cover)
+        fine = pyramid.nested_upsample(cover, shape)
+        fine = fine[(slice(None), *(slice(off, off + n) for (_, _, off), n in zip(self.control_cover, self.inner_shape)))]
+        return fine.mul(self.control)
 
     def evaluate(self, velocity: torch.Tensor | None, similarity: str, window: int):
         """Similarity (mask mean) and force ``(3, ...)`` on the level grid for the SVF ``velocity``.
